@@ -1,0 +1,253 @@
+//! The batch codec: a request body is a JSON array of messages or a single message object.
+
+use crate::Message;
+
+/// Why a body could not be decoded into messages.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The body is empty.
+    #[error("empty body")]
+    Empty,
+    /// The body is not JSON, or not messages (for example `42` or `"hello"`).
+    #[error("invalid message: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The body is an empty array.
+    #[error("empty batch")]
+    EmptyBatch,
+    /// The body is a JSON value other than an object or an array of objects.
+    #[error("a batch must be a JSON object or an array of objects")]
+    NotMessages,
+}
+
+/// Decodes a request body: an array of message objects, or one message object.
+///
+/// ```
+/// use bayeux_protocol::decode_batch;
+/// assert_eq!(decode_batch(br#"{"channel":"/a"}"#).unwrap().len(), 1);
+/// assert_eq!(decode_batch(br#"[{"channel":"/a"},{"channel":"/b"}]"#).unwrap().len(), 2);
+/// assert!(decode_batch(b"42").is_err());
+/// ```
+pub fn decode_batch(body: &[u8]) -> Result<Vec<Message>, DecodeError> {
+    let first = body
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .ok_or(DecodeError::Empty)?;
+    match first {
+        b'[' => {
+            let messages: Vec<Message> = serde_json::from_slice(body)?;
+            if messages.is_empty() {
+                return Err(DecodeError::EmptyBatch);
+            }
+            Ok(messages)
+        }
+        b'{' => Ok(vec![serde_json::from_slice(body)?]),
+        _ => {
+            // Report a JSON syntax error when there is one, else say what is wrong.
+            serde_json::from_slice::<serde::de::IgnoredAny>(body)?;
+            Err(DecodeError::NotMessages)
+        }
+    }
+}
+
+/// Encodes messages as a JSON array.
+pub fn encode_batch(messages: &[Message]) -> Vec<u8> {
+    // Serializing these types cannot fail: every key is a string and every value is JSON.
+    serde_json::to_vec(messages).expect("messages always serialize")
+}
+
+/// Encodes one message as a JSON object.
+pub fn encode_message(message: &Message) -> Vec<u8> {
+    serde_json::to_vec(message).expect("messages always serialize")
+}
+
+/// Joins pre-serialized JSON objects into one JSON array without re-encoding them.
+///
+/// ```
+/// use bayeux_protocol::codec::join_array;
+/// let out = join_array([&br#"{"a":1}"#[..], &br#"{"b":2}"#[..]]);
+/// assert_eq!(out, br#"[{"a":1},{"b":2}]"#);
+/// ```
+pub fn join_array<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.push(b'[');
+    for (i, part) in parts.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(part);
+    }
+    out.push(b']');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Advice, Reconnect, Subscription};
+    use proptest::prelude::*;
+    use serde_json::{Map, Value, json};
+
+    #[test]
+    fn shapes() {
+        assert!(matches!(decode_batch(b""), Err(DecodeError::Empty)));
+        assert!(matches!(decode_batch(b"  \n"), Err(DecodeError::Empty)));
+        assert!(matches!(decode_batch(b"[]"), Err(DecodeError::EmptyBatch)));
+        assert!(matches!(decode_batch(b"42"), Err(DecodeError::NotMessages)));
+        assert!(matches!(
+            decode_batch(br#""hello""#),
+            Err(DecodeError::NotMessages)
+        ));
+        assert!(matches!(decode_batch(b"[42]"), Err(DecodeError::Json(_))));
+        assert!(matches!(
+            decode_batch(br#"[{"channel":"/a""#),
+            Err(DecodeError::Json(_))
+        ));
+        assert!(matches!(decode_batch(b"nul"), Err(DecodeError::Json(_))));
+    }
+
+    #[test]
+    fn unknown_fields_are_kept() {
+        let body = br#"{"channel":"/a","custom":{"x":[1,2]},"advice":{"timeout":0,"long-polling":{"interval":5}}}"#;
+        let m = &decode_batch(body).unwrap()[0];
+        assert_eq!(m.other.get("custom"), Some(&json!({"x": [1, 2]})));
+        let advice = m.advice.as_ref().unwrap();
+        assert_eq!(advice.timeout, Some(0));
+        assert_eq!(
+            advice.other.get("long-polling"),
+            Some(&json!({"interval": 5}))
+        );
+        let back: Value = serde_json::from_slice(&encode_message(m)).unwrap();
+        assert_eq!(back, serde_json::from_slice::<Value>(body).unwrap());
+    }
+
+    #[test]
+    fn id_is_echoed_exactly() {
+        let m = &decode_batch(br#"[{"channel":"/meta/connect","id":7}]"#).unwrap()[0];
+        assert_eq!(m.reply().id, Some(json!(7)));
+        let m = &decode_batch(br#"[{"channel":"/meta/connect","id":"7"}]"#).unwrap()[0];
+        assert_eq!(m.reply().id, Some(json!("7")));
+    }
+
+    #[test]
+    fn null_data_survives() {
+        let m = &decode_batch(br#"{"channel":"/a","data":null}"#).unwrap()[0];
+        assert_eq!(m.data, Some(Value::Null));
+        assert_eq!(encode_message(m), br#"{"channel":"/a","data":null}"#);
+    }
+
+    fn json_leaf() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            "[a-zA-Z0-9 /_\\-\u{e9}\u{1F600}\"\\\\]{0,8}".prop_map(Value::String),
+        ]
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        json_leaf().prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map("[a-z]{1,4}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn extra_fields() -> impl Strategy<Value = Map<String, Value>> {
+        // Keys that no typed field claims.
+        prop::collection::btree_map("x[a-z]{0,4}", json_value(), 0..3)
+            .prop_map(|m| m.into_iter().collect())
+    }
+
+    fn advice() -> impl Strategy<Value = Advice> {
+        (
+            prop::option::of(prop_oneof![
+                Just(Reconnect::Retry),
+                Just(Reconnect::Handshake),
+                Just(Reconnect::None)
+            ]),
+            prop::option::of(any::<i64>()),
+            prop::option::of(0i64..1_000_000),
+            prop::option::of(any::<bool>()),
+            extra_fields(),
+        )
+            .prop_map(
+                |(reconnect, interval, timeout, multiple_clients, other)| Advice {
+                    reconnect,
+                    interval,
+                    timeout,
+                    multiple_clients,
+                    other,
+                    ..Advice::default()
+                },
+            )
+    }
+
+    fn message() -> impl Strategy<Value = Message> {
+        (
+            "(/[a-z]{1,5}){1,3}",
+            prop::option::of(prop_oneof![
+                "[0-9a-z]{1,6}".prop_map(Value::String),
+                any::<u32>().prop_map(|n| json!(n))
+            ]),
+            prop::option::of("[0-9a-z]{25}"),
+            prop::option::of(any::<bool>()),
+            prop::option::of(json_value()),
+            prop::option::of(advice()),
+            prop::option::of(json_value()),
+            prop::option::of(prop_oneof![
+                "/[a-z]{1,4}".prop_map(Subscription::One),
+                prop::collection::vec("/[a-z]{1,4}", 0..3).prop_map(Subscription::Many),
+            ]),
+            prop::option::of(prop::collection::vec("[a-z-]{1,12}", 0..3)),
+            extra_fields(),
+        )
+            .prop_map(
+                |(
+                    channel,
+                    id,
+                    client_id,
+                    successful,
+                    data,
+                    advice,
+                    ext,
+                    subscription,
+                    types,
+                    other,
+                )| Message {
+                    channel,
+                    id,
+                    client_id,
+                    successful,
+                    data,
+                    advice,
+                    ext,
+                    subscription,
+                    supported_connection_types: types,
+                    other,
+                    ..Message::default()
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn decode_encode_roundtrip(batch in prop::collection::vec(message(), 1..4)) {
+            let bytes = encode_batch(&batch);
+            prop_assert_eq!(decode_batch(&bytes).unwrap(), batch.clone());
+            let single = encode_message(&batch[0]);
+            prop_assert_eq!(&decode_batch(&single).unwrap()[0], &batch[0]);
+        }
+
+        #[test]
+        fn decode_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_batch(&bytes);
+        }
+
+        #[test]
+        fn decode_never_panics_on_jsonish(s in "[\\[\\]{}\",:0-9a-z\\\\ ]{0,64}") {
+            let _ = decode_batch(s.as_bytes());
+        }
+    }
+}

@@ -1,1 +1,173 @@
-//! placeholder
+//! The engine: the bayeux server's only door to persistence and to other nodes.
+//!
+//! Every broadcast message is appended to its channel's log through [`Engine::append`], which
+//! assigns it a **replay ID** (a number that only grows per channel). The server does not fan
+//! messages out from the publish path: it consumes [`Engine::feed`], which yields every append —
+//! from this node and, for a shared engine, from every other node — in replay-ID order per
+//! channel. One mechanism thus serves a single node and a cluster alike.
+//!
+//! The engine stores opaque payloads: the serialized message **without** its replay ID (the
+//! server adds the ID when it builds the delivered bytes, once per message).
+//!
+//! Implementations: [`memory::MemoryEngine`] (history bounded in memory). The conformance suite in
+//! [`conformance`] is what every implementation must pass.
+#![deny(unreachable_pub)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+pub mod conformance;
+pub mod memory;
+
+/// A replay ID: grows per channel, starting at 1. Zero means "before the first message".
+pub type ReplayId = u64;
+
+/// One message as stored in a channel's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// The concrete channel.
+    pub channel: Arc<str>,
+    /// Its replay ID in that channel.
+    pub replay_id: ReplayId,
+    /// When it was appended, in milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// The serialized message (a JSON object) without its replay ID.
+    pub payload: Bytes,
+}
+
+/// How long and how much history a channel keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retention {
+    /// Messages older than this are trimmed.
+    pub max_age: Duration,
+    /// At most this many messages per channel (oldest trimmed first).
+    pub max_messages: usize,
+    /// At most this many payload bytes per channel (oldest trimmed first).
+    pub max_bytes: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_age: Duration::from_secs(24 * 3600),
+            max_messages: 100_000,
+            max_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// The first and last retained replay IDs of a channel, and the last ever issued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Bounds {
+    /// The oldest retained message, if any is retained.
+    pub first: Option<ReplayId>,
+    /// The newest ID ever issued in the channel (0 if none). IDs are never reused, even after
+    /// every message was trimmed.
+    pub last_issued: ReplayId,
+}
+
+/// What a session needs so that any node can adopt it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SessionRecord {
+    /// The clientId.
+    pub client_id: String,
+    /// Subscribed channel names and patterns.
+    pub subscriptions: Vec<String>,
+    /// Per concrete channel, the last replay ID delivered and confirmed.
+    pub cursors: BTreeMap<String, ReplayId>,
+    /// Extensions negotiated at handshake (for example `ack`, `replay`).
+    pub extensions: Vec<String>,
+}
+
+/// What a trim removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TrimStats {
+    /// Messages removed.
+    pub messages: u64,
+    /// Payload bytes removed.
+    pub bytes: u64,
+}
+
+/// Engine failures.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The storage backend failed (disk full, I/O error, …).
+    #[error("storage failed: {0}")]
+    Storage(String),
+    /// The backend cannot be reached now; the operation may succeed later.
+    #[error("engine unavailable: {0}")]
+    Unavailable(String),
+    /// The engine was closed.
+    #[error("engine closed")]
+    Closed,
+}
+
+/// Receives every append, in replay-ID order per channel.
+pub type FeedReceiver = tokio::sync::mpsc::UnboundedReceiver<Stored>;
+
+/// The storage and fan-out seam. Object-safe: the server holds an `Arc<dyn Engine>`.
+#[async_trait]
+pub trait Engine: Send + Sync + 'static {
+    /// A short name for logs and metrics (`memory`, `disk`, `redis`).
+    fn name(&self) -> &'static str;
+
+    /// Appends `payload` to `channel`'s log and returns it with its new replay ID.
+    ///
+    /// When this returns `Ok`, the message is as durable as the engine promises (the disk
+    /// engine: on disk; memory: in memory) and it has been, or will be, yielded by every
+    /// [`feed`](Engine::feed) in replay-ID order. A publisher's success reply waits for this.
+    async fn append(&self, channel: &str, payload: Bytes) -> Result<Stored, EngineError>;
+
+    /// Up to `limit` retained messages of `channel` with a replay ID greater than `after`,
+    /// oldest first.
+    async fn read(
+        &self,
+        channel: &str,
+        after: ReplayId,
+        limit: usize,
+    ) -> Result<Vec<Stored>, EngineError>;
+
+    /// The retained range of `channel` and the last ID issued in it.
+    async fn bounds(&self, channel: &str) -> Result<Bounds, EngineError>;
+
+    /// Every concrete channel that has a log, in name order (for wildcard replay).
+    async fn channels(&self) -> Result<Vec<String>, EngineError>;
+
+    /// A new receiver of every append from now on. A server calls this once at start and fans
+    /// the messages out to its own sessions. The feed never drops a message; a receiver that is
+    /// dropped is forgotten.
+    fn feed(&self) -> FeedReceiver;
+
+    /// Removes what `retention` no longer keeps, as of `now`.
+    async fn trim(&self, retention: &Retention, now: SystemTime) -> Result<TrimStats, EngineError>;
+
+    /// Stores (or replaces) a session record that lives for `ttl` unless touched.
+    async fn save_session(&self, record: &SessionRecord, ttl: Duration) -> Result<(), EngineError>;
+
+    /// Loads a session record that has not expired.
+    async fn load_session(&self, client_id: &str) -> Result<Option<SessionRecord>, EngineError>;
+
+    /// Extends a session record's life by `ttl` from now. Unknown ids are ignored.
+    async fn touch_session(&self, client_id: &str, ttl: Duration) -> Result<(), EngineError>;
+
+    /// Removes a session record. Unknown ids are ignored.
+    async fn remove_session(&self, client_id: &str) -> Result<(), EngineError>;
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    system_time_ms(SystemTime::now())
+}
+
+/// `t` in milliseconds since the Unix epoch (0 before it).
+pub fn system_time_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -273,9 +273,18 @@ mod tests {
         assert_eq!(ChannelName::new("/"), Err(ChannelError::EmptySegment));
         assert_eq!(ChannelName::new("/a//b"), Err(ChannelError::EmptySegment));
         assert_eq!(ChannelName::new("/a/"), Err(ChannelError::EmptySegment));
-        assert_eq!(ChannelName::new("/a/*/b"), Err(ChannelError::MisplacedWildcard));
-        assert_eq!(ChannelName::new("/a/b*"), Err(ChannelError::MisplacedWildcard));
-        assert_eq!(ChannelName::new("/a/***"), Err(ChannelError::MisplacedWildcard));
+        assert_eq!(
+            ChannelName::new("/a/*/b"),
+            Err(ChannelError::MisplacedWildcard)
+        );
+        assert_eq!(
+            ChannelName::new("/a/b*"),
+            Err(ChannelError::MisplacedWildcard)
+        );
+        assert_eq!(
+            ChannelName::new("/a/***"),
+            Err(ChannelError::MisplacedWildcard)
+        );
         assert_eq!(
             ChannelName::new("/a/b?c"),
             Err(ChannelError::InvalidCharacter('?'))

@@ -59,6 +59,21 @@ pub enum ErrorKind {
     StorageFailed,
     /// The server is shutting down or overloaded.
     ServerBusy,
+    /// The body is not JSON (HTTP 400).
+    InvalidJson,
+    /// The body is JSON but not Bayeux messages, or is empty (HTTP 400).
+    MessageInvalid,
+    /// More messages in one request than allowed (HTTP 400).
+    TooManyMessages,
+    /// The body or frame is larger than allowed (HTTP 413; WebSocket close 1009).
+    MessageTooLarge,
+    /// The request matches no transport, e.g. a GET without `message` (HTTP 400).
+    UnknownTransport,
+    /// A JSONP callback name that is too long or has characters outside `[A-Za-z0-9._-]`.
+    CallbackInvalid,
+    /// A held connect was released because a newer connect for the same session arrived
+    /// (HTTP 500; clients must not retry it at once).
+    ConnectSuperseded,
     /// Something the table has no entry for: the full wire string is given.
     Custom(String),
 }
@@ -116,6 +131,14 @@ impl ErrorKind {
             (StorageFailed, Salesforce) => SF_SERVER_BUSY.into(),
             (ServerBusy, Cometd) => "503::server_busy".into(),
             (ServerBusy, Salesforce) => SF_SERVER_BUSY.into(),
+            (InvalidJson, _) => "400::invalid_json".into(),
+            (MessageInvalid, _) => "400::message_invalid".into(),
+            (TooManyMessages, _) => "400::too_many_messages".into(),
+            (MessageTooLarge, Cometd) => "413::message_too_large".into(),
+            (MessageTooLarge, Salesforce) => "413::Maximum Request Size Exceeded".into(),
+            (UnknownTransport, _) => "400::unknown_transport".into(),
+            (CallbackInvalid, _) => "400::callback_invalid".into(),
+            (ConnectSuperseded, _) => "500::connect_superseded".into(),
             (Custom(s), _) => s.clone(),
         }
     }

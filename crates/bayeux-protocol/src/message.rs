@@ -108,8 +108,9 @@ impl Advice {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Message {
-    /// The channel. Empty when the message had none (an error the server reports).
-    #[serde(default)]
+    /// The channel. Empty when the message had none (an error the server reports); an empty
+    /// channel is not written out.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub channel: String,
     /// The message id, echoed exactly (a string or a number).
     #[serde(
@@ -192,9 +193,7 @@ impl Message {
 
     /// Sets `ext[key]`, making `ext` an object if it was absent or not one.
     pub fn ext_insert(&mut self, key: impl Into<String>, value: Value) {
-        let ext = self
-            .ext
-            .get_or_insert_with(|| Value::Object(Map::new()));
+        let ext = self.ext.get_or_insert_with(|| Value::Object(Map::new()));
         if !ext.is_object() {
             *ext = Value::Object(Map::new());
         }

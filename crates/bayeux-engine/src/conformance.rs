@@ -1,0 +1,170 @@
+//! The conformance suite every [`Engine`] must pass.
+//!
+//! Call [`run_all`] from an engine's tests with a factory that makes a fresh, empty engine with
+//! the given retention. Each check panics with a message naming what failed.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+
+use crate::{Engine, Retention, SessionRecord};
+
+/// Makes a fresh, empty engine keeping at most `retention`.
+pub trait Factory: Fn(Retention) -> Arc<dyn Engine> {}
+impl<F: Fn(Retention) -> Arc<dyn Engine>> Factory for F {}
+
+fn payload(i: usize) -> Bytes {
+    Bytes::from(format!(r#"{{"channel":"/c","data":{i}}}"#))
+}
+
+fn generous() -> Retention {
+    Retention {
+        max_age: Duration::from_secs(3600),
+        max_messages: 1_000_000,
+        max_bytes: u64::MAX,
+    }
+}
+
+/// Runs every check.
+pub async fn run_all(make: impl Factory) {
+    ids_grow_per_channel(make(generous())).await;
+    read_after(make(generous())).await;
+    feed_sees_every_append_in_order(make(generous())).await;
+    retention_by_count(&make).await;
+    trim_by_age(make(generous())).await;
+    sessions(make(generous())).await;
+}
+
+/// Replay IDs start at 1 and grow by channel, independently.
+pub async fn ids_grow_per_channel(engine: Arc<dyn Engine>) {
+    let a1 = engine.append("/a", payload(1)).await.unwrap();
+    let a2 = engine.append("/a", payload(2)).await.unwrap();
+    let b1 = engine.append("/b", payload(3)).await.unwrap();
+    assert!(a1.replay_id >= 1, "first id must be positive");
+    assert!(
+        a2.replay_id > a1.replay_id,
+        "ids must grow within a channel"
+    );
+    assert!(b1.replay_id >= 1);
+    assert_eq!(&*a1.channel, "/a");
+    assert_eq!(a2.payload, payload(2), "payload must be stored as given");
+    let bounds = engine.bounds("/a").await.unwrap();
+    assert_eq!(bounds.first, Some(a1.replay_id));
+    assert_eq!(bounds.last_issued, a2.replay_id);
+    let none = engine.bounds("/nothing").await.unwrap();
+    assert_eq!((none.first, none.last_issued), (None, 0));
+    assert_eq!(engine.channels().await.unwrap(), ["/a", "/b"]);
+}
+
+/// `read` returns what follows an ID, oldest first, at most `limit`.
+pub async fn read_after(engine: Arc<dyn Engine>) {
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(engine.append("/r", payload(i)).await.unwrap().replay_id);
+    }
+    let all = engine.read("/r", 0, 100).await.unwrap();
+    assert_eq!(all.iter().map(|s| s.replay_id).collect::<Vec<_>>(), ids);
+    let tail = engine.read("/r", ids[4], 100).await.unwrap();
+    assert_eq!(
+        tail.iter().map(|s| s.replay_id).collect::<Vec<_>>(),
+        ids[5..]
+    );
+    let page = engine.read("/r", ids[1], 3).await.unwrap();
+    assert_eq!(
+        page.iter().map(|s| s.replay_id).collect::<Vec<_>>(),
+        ids[2..5]
+    );
+    assert!(engine.read("/r", ids[9], 10).await.unwrap().is_empty());
+    assert!(engine.read("/unknown", 0, 10).await.unwrap().is_empty());
+}
+
+/// The feed yields every append once, per channel in ID order, including concurrent ones.
+pub async fn feed_sees_every_append_in_order(engine: Arc<dyn Engine>) {
+    let mut feed = engine.feed();
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let engine = engine.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..50 {
+                engine
+                    .append(&format!("/f/{}", t % 2), payload(i))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut last = std::collections::HashMap::new();
+    for _ in 0..200 {
+        let stored = tokio::time::timeout(Duration::from_secs(10), feed.recv())
+            .await
+            .expect("feed stalled")
+            .expect("feed closed");
+        let prev = last.insert(stored.channel.to_string(), stored.replay_id);
+        assert!(
+            prev.is_none_or(|p| p < stored.replay_id),
+            "feed out of order on {}",
+            stored.channel
+        );
+    }
+    assert!(feed.try_recv().is_err(), "feed yielded more than appended");
+}
+
+/// The count cap drops the oldest messages; IDs are never reused.
+pub async fn retention_by_count(make: &impl Factory) {
+    let engine = make(Retention {
+        max_messages: 3,
+        ..generous()
+    });
+    for i in 0..5 {
+        engine.append("/k", payload(i)).await.unwrap();
+    }
+    engine.trim(&generous(), SystemTime::now()).await.unwrap();
+    let kept = engine.read("/k", 0, 10).await.unwrap();
+    assert_eq!(kept.len(), 3, "count cap not applied");
+    assert_eq!(kept[0].payload, payload(2));
+    let bounds = engine.bounds("/k").await.unwrap();
+    assert_eq!(bounds.first, Some(kept[0].replay_id));
+    assert_eq!(bounds.last_issued, kept[2].replay_id);
+}
+
+/// `trim` drops messages older than the window.
+pub async fn trim_by_age(engine: Arc<dyn Engine>) {
+    engine.append("/t", payload(0)).await.unwrap();
+    let later = SystemTime::now() + Duration::from_secs(7200);
+    let stats = engine.trim(&generous(), later).await.unwrap();
+    assert_eq!(stats.messages, 1);
+    assert!(engine.read("/t", 0, 10).await.unwrap().is_empty());
+    let next = engine.append("/t", payload(1)).await.unwrap();
+    assert_eq!(next.replay_id, 2, "ids must not restart after a trim");
+}
+
+/// Session records: save, load, touch, expire, remove.
+pub async fn sessions(engine: Arc<dyn Engine>) {
+    let record = SessionRecord {
+        client_id: "abc".into(),
+        subscriptions: vec!["/a/**".into()],
+        cursors: [("/a/b".to_owned(), 7)].into_iter().collect(),
+        extensions: vec!["ack".into()],
+    };
+    engine
+        .save_session(&record, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(engine.load_session("abc").await.unwrap(), Some(record));
+    assert_eq!(engine.load_session("zzz").await.unwrap(), None);
+    engine
+        .touch_session("abc", Duration::from_millis(1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(engine.load_session("abc").await.unwrap(), None, "ttl");
+    engine
+        .touch_session("zzz", Duration::from_secs(1))
+        .await
+        .unwrap();
+    engine.remove_session("zzz").await.unwrap();
+}

@@ -1,0 +1,202 @@
+//! The memory engine: logs and sessions in this process. Nothing survives a restart.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
+
+use crate::{
+    Bounds, Engine, EngineError, FeedReceiver, ReplayId, Retention, SessionRecord, Stored,
+    TrimStats, now_ms, system_time_ms,
+};
+
+#[derive(Default)]
+struct ChannelLog {
+    messages: VecDeque<Stored>,
+    bytes: u64,
+    last_issued: ReplayId,
+}
+
+#[derive(Default)]
+struct Logs {
+    channels: BTreeMap<Arc<str>, ChannelLog>,
+    feeds: Vec<UnboundedSender<Stored>>,
+}
+
+/// Keeps each channel's recent history in memory, bounded by a [`Retention`] applied on every
+/// append (count and bytes) and by [`Engine::trim`] (age).
+pub struct MemoryEngine {
+    // One lock for all logs: appends are short, and one lock makes the feed order trivially
+    // equal to the replay-ID order.
+    logs: Mutex<Logs>,
+    sessions: Mutex<HashMap<String, (SessionRecord, Instant)>>,
+    retention: Retention,
+}
+
+impl MemoryEngine {
+    /// A memory engine that keeps at most what `retention` allows.
+    pub fn new(retention: Retention) -> Self {
+        MemoryEngine {
+            logs: Mutex::new(Logs::default()),
+            sessions: Mutex::new(HashMap::new()),
+            retention,
+        }
+    }
+}
+
+impl Default for MemoryEngine {
+    fn default() -> Self {
+        MemoryEngine::new(Retention::default())
+    }
+}
+
+fn trim_log(log: &mut ChannelLog, retention: &Retention, cutoff_ms: u64, stats: &mut TrimStats) {
+    while let Some(front) = log.messages.front() {
+        let over_count = log.messages.len() > retention.max_messages;
+        let over_bytes = log.bytes > retention.max_bytes;
+        if over_count || over_bytes || front.timestamp_ms < cutoff_ms {
+            let len = front.payload.len() as u64;
+            log.bytes -= len;
+            log.messages.pop_front();
+            stats.messages += 1;
+            stats.bytes += len;
+        } else {
+            break;
+        }
+    }
+}
+
+#[async_trait]
+impl Engine for MemoryEngine {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn append(&self, channel: &str, payload: Bytes) -> Result<Stored, EngineError> {
+        let mut logs = self.logs.lock();
+        let logs = &mut *logs;
+        let log = match logs.channels.get_mut(channel) {
+            Some(log) => log,
+            None => logs.channels.entry(Arc::from(channel)).or_default(),
+        };
+        log.last_issued += 1;
+        let stored = Stored {
+            channel: Arc::from(channel),
+            replay_id: log.last_issued,
+            timestamp_ms: now_ms(),
+            payload,
+        };
+        log.bytes += stored.payload.len() as u64;
+        log.messages.push_back(stored.clone());
+        trim_log(log, &self.retention, 0, &mut TrimStats::default());
+        // Sent under the lock, so every feed sees each channel in replay-ID order.
+        logs.feeds.retain(|feed| feed.send(stored.clone()).is_ok());
+        Ok(stored)
+    }
+
+    async fn read(
+        &self,
+        channel: &str,
+        after: ReplayId,
+        limit: usize,
+    ) -> Result<Vec<Stored>, EngineError> {
+        let logs = self.logs.lock();
+        let Some(log) = logs.channels.get(channel) else {
+            return Ok(Vec::new());
+        };
+        // IDs are contiguous within a log, so the start index is arithmetic.
+        let first = log.messages.front().map_or(0, |m| m.replay_id);
+        let skip = after.saturating_add(1).saturating_sub(first) as usize;
+        Ok(log
+            .messages
+            .iter()
+            .skip(skip)
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn bounds(&self, channel: &str) -> Result<Bounds, EngineError> {
+        let logs = self.logs.lock();
+        Ok(logs
+            .channels
+            .get(channel)
+            .map(|log| Bounds {
+                first: log.messages.front().map(|m| m.replay_id),
+                last_issued: log.last_issued,
+            })
+            .unwrap_or_default())
+    }
+
+    async fn channels(&self) -> Result<Vec<String>, EngineError> {
+        Ok(self
+            .logs
+            .lock()
+            .channels
+            .keys()
+            .map(|k| k.to_string())
+            .collect())
+    }
+
+    fn feed(&self) -> FeedReceiver {
+        let (tx, rx) = unbounded_channel();
+        self.logs.lock().feeds.push(tx);
+        rx
+    }
+
+    async fn trim(&self, retention: &Retention, now: SystemTime) -> Result<TrimStats, EngineError> {
+        let cutoff = system_time_ms(now).saturating_sub(retention.max_age.as_millis() as u64);
+        let mut stats = TrimStats::default();
+        let mut logs = self.logs.lock();
+        for log in logs.channels.values_mut() {
+            trim_log(log, retention, cutoff, &mut stats);
+        }
+        Ok(stats)
+    }
+
+    async fn save_session(&self, record: &SessionRecord, ttl: Duration) -> Result<(), EngineError> {
+        self.sessions.lock().insert(
+            record.client_id.clone(),
+            (record.clone(), Instant::now() + ttl),
+        );
+        Ok(())
+    }
+
+    async fn load_session(&self, client_id: &str) -> Result<Option<SessionRecord>, EngineError> {
+        let mut sessions = self.sessions.lock();
+        match sessions.get(client_id) {
+            Some((_, expires)) if *expires <= Instant::now() => {
+                sessions.remove(client_id);
+                Ok(None)
+            }
+            Some((record, _)) => Ok(Some(record.clone())),
+            None => Ok(None),
+        }
+    }
+
+    async fn touch_session(&self, client_id: &str, ttl: Duration) -> Result<(), EngineError> {
+        if let Some((_, expires)) = self.sessions.lock().get_mut(client_id) {
+            *expires = Instant::now() + ttl;
+        }
+        Ok(())
+    }
+
+    async fn remove_session(&self, client_id: &str) -> Result<(), EngineError> {
+        self.sessions.lock().remove(client_id);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn conformance() {
+        crate::conformance::run_all(|retention| Arc::new(MemoryEngine::new(retention))).await;
+    }
+}

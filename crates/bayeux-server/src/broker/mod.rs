@@ -1,0 +1,910 @@
+//! The broker: sessions, subscriptions, message processing and fan-out. It knows nothing of
+//! HTTP or WebSocket; transports hand it decoded messages with a [`RequestInfo`] and write out
+//! what it returns.
+//!
+//! Publish path: validate → security policy → serialize the message once → [`Engine::append`]
+//! → ack. Fan-out runs in one task that reads [`Engine::feed`]: for each stored message it builds
+//! the delivered bytes once (adding the replay ID) and pushes a handle to those bytes onto the
+//! queue of every matching session.
+
+mod session;
+mod subscriptions;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bayeux_engine::{Engine, Stored};
+use bayeux_protocol::{
+    Advice, ChannelKind, ChannelName, Dialect, ErrorKind, Message, Reconnect, meta,
+};
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use serde_json::{Map, Value};
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+
+pub use session::{Enqueued, Session};
+use subscriptions::SubscriptionIndex;
+
+use crate::config::{QueueOverflow, ServerConfig};
+use crate::metrics::{ActionLabel, Metrics};
+use crate::policy::{Denial, Operation, RequestInfo, SecurityPolicy};
+
+/// A server-side listener on a service channel. It gets the broker, the sending session (if
+/// the message carried a known clientId) and the message, and may answer with
+/// [`Broker::deliver`].
+pub type ServiceHandler = Arc<dyn Fn(&Arc<Broker>, Option<&Arc<Session>>, &Message) + Send + Sync>;
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client sent `/meta/disconnect`.
+    Disconnected,
+    /// No connect for `max_interval`.
+    Expired,
+    /// Its queue overflowed under the `disconnect` policy.
+    Overflow,
+}
+
+/// The result of processing one request's messages.
+#[derive(Debug, Default)]
+pub struct Processed {
+    /// Replies to every message but the connect, in order.
+    pub replies: Vec<Message>,
+    /// The connect, if the request had one with a known session.
+    pub connect: Option<ConnectPlan>,
+}
+
+/// What to do with a `/meta/connect`.
+#[derive(Debug)]
+pub struct ConnectPlan {
+    /// The session.
+    pub session: Arc<Session>,
+    /// The reply to send when the connect is answered.
+    pub reply: Message,
+    /// `Some(t)`: hold up to `t` for messages; `None`: answer at once.
+    pub hold: Option<Duration>,
+}
+
+/// How a held long-poll connect ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldEnd {
+    /// Messages are waiting (after the lazy delay).
+    Messages,
+    /// The timeout passed.
+    Timeout,
+    /// A newer connect for the same session took over.
+    Superseded,
+    /// The session ended.
+    Closed(CloseReason),
+    /// The server is shutting down.
+    Shutdown,
+}
+
+/// Resolves once `stop` turns true (or its sender is gone).
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Keeps a session marked as held; on drop the hold ends and the expiry clock restarts.
+pub struct Hold {
+    session: Arc<Session>,
+    generation: u64,
+    broker_metrics: Arc<Metrics>,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let mut st = self.session.state.lock();
+        st.holds -= 1;
+        st.last_seen = Instant::now();
+        if st.hold_generation == self.generation {
+            st.release_held = None;
+        }
+        self.broker_metrics.held_connects.dec();
+    }
+}
+
+/// The broker. Create with [`Broker::new`], then [`Broker::start`] inside a tokio runtime.
+pub struct Broker {
+    config: ServerConfig,
+    dialect: Dialect,
+    engine: Arc<dyn Engine>,
+    policy: Arc<dyn SecurityPolicy>,
+    sessions: RwLock<HashMap<Arc<str>, Arc<Session>>>,
+    index: RwLock<SubscriptionIndex>,
+    services: RwLock<Vec<(ChannelName, ServiceHandler)>>,
+    close_reasons: Mutex<HashMap<u64, CloseReason>>,
+    next_seq: AtomicU64,
+    metrics: Arc<Metrics>,
+    shutdown_tx: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("engine", &self.engine.name())
+            .finish_non_exhaustive()
+    }
+}
+
+fn new_client_id() -> String {
+    // 128 random bits, base 36: 25 lowercase alphanumerics.
+    let mut n: u128 = rand::random();
+    let mut out = [b'0'; 25];
+    for slot in out.iter_mut().rev() {
+        *slot = b"0123456789abcdefghijklmnopqrstuvwxyz"[(n % 36) as usize];
+        n /= 36;
+    }
+    String::from_utf8(out.to_vec()).expect("ascii")
+}
+
+impl Broker {
+    /// A broker over `engine`, asking `policy`, answering in `dialect`.
+    pub fn new(
+        config: ServerConfig,
+        engine: Arc<dyn Engine>,
+        policy: Arc<dyn SecurityPolicy>,
+        dialect: Dialect,
+    ) -> Arc<Self> {
+        let (shutdown_tx, _) = watch::channel(false);
+        Arc::new(Broker {
+            config,
+            dialect,
+            engine,
+            policy,
+            sessions: RwLock::new(HashMap::new()),
+            index: RwLock::new(SubscriptionIndex::default()),
+            services: RwLock::new(Vec::new()),
+            close_reasons: Mutex::new(HashMap::new()),
+            next_seq: AtomicU64::new(1),
+            metrics: Arc::new(Metrics::new()),
+            shutdown_tx,
+        })
+    }
+
+    /// Starts the fan-out, sweeper and retention tasks. They end at [`Broker::shutdown`].
+    pub fn start(self: &Arc<Self>) {
+        let mut feed = self.engine.feed();
+        let broker = Arc::downgrade(self);
+        let mut stop = self.shutdown_tx.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    stored = feed.recv() => {
+                        let (Some(stored), Some(broker)) = (stored, broker.upgrade()) else { break };
+                        broker.fan_out(&stored);
+                    }
+                    _ = stopped(&mut stop) => break,
+                }
+            }
+        });
+        let broker = Arc::downgrade(self);
+        let mut stop = self.shutdown_tx.subscribe();
+        let period = Duration::from_millis(self.config.timeouts.sweep_interval_ms);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut ticks: u64 = 0;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let Some(broker) = broker.upgrade() else { break };
+                        broker.sweep();
+                        ticks += 1;
+                        // Retention by age: about once a minute is plenty.
+                        if ticks % (60_000 / period.as_millis().max(1) as u64).max(1) == 0 {
+                            let retention = broker.config.retention();
+                            if let Err(e) = broker.engine.trim(&retention, std::time::SystemTime::now()).await {
+                                tracing::warn!(error = %e, "retention trim failed");
+                            }
+                        }
+                    }
+                    _ = stopped(&mut stop) => break,
+                }
+            }
+        });
+    }
+
+    /// Asks held connects to return and background tasks to stop.
+    pub fn shutdown(&self) {
+        self.shutdown_tx.send_replace(true);
+    }
+
+    /// True once [`Broker::shutdown`] was called.
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutdown_tx.borrow()
+    }
+
+    /// A receiver that turns `true` at shutdown.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown_tx.subscribe()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    /// The error dialect.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Arc<dyn Engine> {
+        &self.engine
+    }
+
+    /// A live session by clientId.
+    pub fn session(&self, client_id: &str) -> Option<Arc<Session>> {
+        self.sessions.read().get(client_id).cloned()
+    }
+
+    /// Number of live sessions.
+    pub fn session_count(&self) -> usize {
+        self.sessions.read().len()
+    }
+
+    /// Number of distinct channels and patterns with at least one subscriber.
+    pub fn subscribed_patterns(&self) -> usize {
+        self.index.read().patterns()
+    }
+
+    /// Registers a listener for messages published to service channels matching `pattern`
+    /// (for example `/service/echo` or `/service/**`).
+    pub fn add_service(&self, pattern: ChannelName, handler: ServiceHandler) {
+        self.services.write().push((pattern, handler));
+    }
+
+    /// Sends `message` to one session only (for service replies). The message is serialized
+    /// here; returns what the queue did.
+    pub fn deliver(&self, session: &Session, message: &Message) -> Enqueued {
+        let bytes = Bytes::from(bayeux_protocol::encode_message(message));
+        self.enqueue(session, bytes)
+    }
+
+    /// Publishes from the server itself (no session, no policy). Returns the replay ID.
+    pub async fn publish_from_server(
+        &self,
+        channel: &ChannelName,
+        data: Value,
+    ) -> Result<u64, ErrorKind> {
+        if channel.kind() != ChannelKind::Broadcast || channel.is_wildcard() {
+            return Err(ErrorKind::ChannelInvalid);
+        }
+        let mut message = Message::new(channel.as_str());
+        message.data = Some(data);
+        self.store(channel, &message).await
+    }
+
+    fn error_reply(&self, reply: Message, error: ErrorKind) -> Message {
+        reply.failed(error.wire(self.dialect))
+    }
+
+    fn denied(&self, reply: Message, denial: Denial, default_advice: Option<Advice>) -> Message {
+        let mut reply = self.error_reply(reply, denial.error);
+        reply.advice = denial.advice.or(default_advice);
+        if let Some(Value::Object(ext)) = denial.ext {
+            for (k, v) in ext {
+                reply.ext_insert(k, v);
+            }
+        }
+        reply
+    }
+
+    fn unknown_session(&self, reply: Message, with_advice: bool) -> Message {
+        let mut reply = self.error_reply(reply, ErrorKind::SessionUnknown);
+        if with_advice {
+            reply.advice = Some(Advice::handshake());
+        }
+        reply
+    }
+
+    /// Processes one request's messages in order.
+    pub async fn process(
+        self: &Arc<Self>,
+        request: &RequestInfo<'_>,
+        messages: Vec<Message>,
+    ) -> Processed {
+        let alone = messages.len() == 1;
+        let mut out = Processed::default();
+        for message in messages {
+            self.metrics.messages_in.inc();
+            if message.channel == meta::CONNECT {
+                match self.connect(request, &message, alone) {
+                    Ok(plan) => {
+                        // A second connect in one batch: answer the first at once.
+                        if let Some(previous) = out.connect.replace(plan) {
+                            out.replies.push(previous.reply);
+                        }
+                    }
+                    Err(reply) => out.replies.push(reply),
+                }
+                continue;
+            }
+            let reply = match message.channel.as_str() {
+                meta::HANDSHAKE => self.handshake(request, &message),
+                meta::SUBSCRIBE => self.subscribe(request, &message),
+                meta::UNSUBSCRIBE => self.unsubscribe(&message),
+                meta::DISCONNECT => self.disconnect(&message),
+                _ => self.publish(request, &message).await,
+            };
+            out.replies.push(reply);
+        }
+        for reply in out
+            .replies
+            .iter()
+            .chain(out.connect.as_ref().map(|c| &c.reply))
+        {
+            if reply.successful == Some(false) {
+                let code = reply
+                    .error
+                    .as_deref()
+                    .and_then(bayeux_protocol::error::error_code)
+                    .unwrap_or(500);
+                self.metrics.error(code);
+            }
+        }
+        out
+    }
+
+    fn server_advice(&self) -> Advice {
+        Advice::retry(
+            self.config.timeouts.interval_ms as i64,
+            self.config.timeouts.connect_timeout_ms as i64,
+        )
+    }
+
+    fn handshake(&self, request: &RequestInfo<'_>, message: &Message) -> Message {
+        let reply = message.reply();
+        if let Some(types) = &message.supported_connection_types
+            && !types.is_empty()
+            && !types.iter().any(|t| self.config.offers(t))
+        {
+            let mut reply = self.error_reply(
+                reply,
+                ErrorKind::ConnectionTypesUnsupported(types.join(",")),
+            );
+            reply.supported_connection_types = Some(self.config.transports.clone());
+            reply.advice = Some(Advice::none());
+            return reply;
+        }
+        if self.session_count() >= self.config.limits.max_sessions {
+            let mut reply = self.error_reply(reply, ErrorKind::SessionLimit);
+            reply.advice = Some(Advice {
+                reconnect: Some(Reconnect::Handshake),
+                interval: Some(self.config.timeouts.max_interval_ms as i64),
+                ..Advice::default()
+            });
+            return reply;
+        }
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let session = Arc::new(Session::new(new_client_id(), seq));
+        if let Err(denial) =
+            self.policy
+                .authorize(request, Some(&session), Operation::Handshake, message)
+        {
+            return self.denied(reply, denial, Some(Advice::none()));
+        }
+        let id: Arc<str> = Arc::from(session.id());
+        self.sessions.write().insert(id, session.clone());
+        self.metrics.sessions.inc();
+        self.metrics.handshakes.inc();
+        let mut reply = reply.ok();
+        reply.client_id = Some(session.id().to_owned());
+        reply.version = Some(bayeux_protocol::VERSION.into());
+        reply.minimum_version = Some(bayeux_protocol::VERSION.into());
+        reply.supported_connection_types = Some(self.config.transports.clone());
+        reply.advice = Some(self.server_advice());
+        reply
+    }
+
+    fn connect(
+        &self,
+        request: &RequestInfo<'_>,
+        message: &Message,
+        alone: bool,
+    ) -> Result<ConnectPlan, Message> {
+        let mut reply = message.reply();
+        let Some(session) = message.client_id.as_deref().and_then(|c| self.session(c)) else {
+            return Err(self.unknown_session(reply, true));
+        };
+        session.touch();
+        if let Some(t) = message.connection_type.as_deref()
+            && !self.config.offers(t)
+        {
+            let mut reply =
+                self.error_reply(reply, ErrorKind::ConnectionTypeUnsupported(t.to_owned()));
+            reply.advice = Some(Advice::handshake());
+            return Err(reply);
+        }
+        if let Err(denial) =
+            self.policy
+                .authorize(request, Some(&session), Operation::Connect, message)
+        {
+            return Err(self.denied(reply, denial, Some(Advice::none())));
+        }
+        reply.client_id = Some(session.id().to_owned());
+        let client_timeout = message.advice.as_ref().and_then(|a| a.timeout);
+        let first = {
+            let mut st = session.state.lock();
+            !std::mem::replace(&mut st.connected, true)
+        };
+        let server_timeout = self.config.timeouts.connect_timeout();
+        let timeout = match client_timeout {
+            Some(t) if t >= 0 => server_timeout.min(Duration::from_millis(t as u64)),
+            _ => server_timeout,
+        };
+        // Advice goes out on the first connect and whenever the client sent advice of its own
+        // (it wants to be re-advised), as CometD does.
+        if first || message.advice.is_some() {
+            reply.advice = Some(self.server_advice());
+        }
+        let hold = (!first && alone && !timeout.is_zero()).then_some(timeout);
+        Ok(ConnectPlan {
+            session,
+            reply: reply.ok(),
+            hold,
+        })
+    }
+
+    fn parse_subscription(&self, message: &Message) -> Result<Vec<ChannelName>, ErrorKind> {
+        let Some(subscription) = &message.subscription else {
+            return Err(ErrorKind::SubscriptionMissing);
+        };
+        let names = subscription.names();
+        if names.is_empty() {
+            return Err(ErrorKind::SubscriptionMissing);
+        }
+        names
+            .iter()
+            .map(|n| ChannelName::new(n).map_err(|_| ErrorKind::SubscriptionInvalid))
+            .collect()
+    }
+
+    fn subscribe(&self, request: &RequestInfo<'_>, message: &Message) -> Message {
+        let mut reply = message.reply();
+        reply.subscription = message.subscription.clone();
+        let Some(session) = message.client_id.as_deref().and_then(|c| self.session(c)) else {
+            return self.unknown_session(reply, false);
+        };
+        session.touch();
+        let channels = match self.parse_subscription(message) {
+            Ok(c) => c,
+            Err(e) => return self.error_reply(reply, e),
+        };
+        let mut wanted = Vec::new();
+        for channel in &channels {
+            match channel.kind() {
+                ChannelKind::Meta => return self.error_reply(reply, ErrorKind::SubscribeFailed),
+                // Service channels are never broadcast: subscribing is a successful no-op.
+                ChannelKind::Service => continue,
+                ChannelKind::Broadcast => {}
+            }
+            if let Err(denial) = self.policy.authorize(
+                request,
+                Some(&session),
+                Operation::Subscribe(channel),
+                message,
+            ) {
+                return self.denied(reply, denial, None);
+            }
+            wanted.push(Arc::<str>::from(channel.as_str()));
+        }
+        {
+            let mut st = session.state.lock();
+            let new = wanted
+                .iter()
+                .filter(|w| !st.subscriptions.contains(*w))
+                .count();
+            if st.subscriptions.len() + new > self.config.limits.max_subscriptions_per_session {
+                drop(st);
+                return self.error_reply(reply, ErrorKind::SubscriptionLimit);
+            }
+            st.subscriptions.extend(wanted.iter().cloned());
+        }
+        if session.is_closed() {
+            return self.unknown_session(reply, false);
+        }
+        let mut index = self.index.write();
+        for channel in &wanted {
+            index.add(channel, &session);
+        }
+        reply.ok()
+    }
+
+    fn unsubscribe(&self, message: &Message) -> Message {
+        let mut reply = message.reply();
+        reply.subscription = message.subscription.clone();
+        let Some(session) = message.client_id.as_deref().and_then(|c| self.session(c)) else {
+            return self.unknown_session(reply, false);
+        };
+        session.touch();
+        let channels = match self.parse_subscription(message) {
+            Ok(c) => c,
+            Err(e) => return self.error_reply(reply, e),
+        };
+        let mut st = session.state.lock();
+        let mut index = self.index.write();
+        for channel in &channels {
+            if st.subscriptions.remove(channel.as_str()) {
+                index.remove(channel.as_str(), session.seq);
+            }
+        }
+        reply.ok()
+    }
+
+    fn disconnect(&self, message: &Message) -> Message {
+        let reply = message.reply();
+        let Some(session) = message.client_id.as_deref().and_then(|c| self.session(c)) else {
+            return self.unknown_session(reply, false);
+        };
+        self.remove_session(&session, CloseReason::Disconnected);
+        reply.ok()
+    }
+
+    async fn publish(self: &Arc<Self>, request: &RequestInfo<'_>, message: &Message) -> Message {
+        let reply = message.reply();
+        if message.channel.is_empty() {
+            return self.error_reply(reply, ErrorKind::ChannelMissing);
+        }
+        let Ok(channel) = ChannelName::new(&message.channel) else {
+            return self.error_reply(reply, ErrorKind::ChannelInvalid);
+        };
+        if channel.kind() == ChannelKind::Meta {
+            return self.error_reply(reply, ErrorKind::MetaChannelDenied);
+        }
+        if channel.is_wildcard() {
+            return self.error_reply(reply, ErrorKind::ChannelInvalid);
+        }
+        // The clientId may be omitted on a publish (Bayeux 1.0); a wrong one is an error.
+        let session = match message.client_id.as_deref() {
+            Some(id) => match self.session(id) {
+                Some(s) => {
+                    s.touch();
+                    Some(s)
+                }
+                None => return self.unknown_session(reply, false),
+            },
+            None => None,
+        };
+        if message.data.is_none() {
+            return self.error_reply(reply, ErrorKind::DataMissing);
+        }
+        if let Err(denial) = self.policy.authorize(
+            request,
+            session.as_deref(),
+            Operation::Publish(&channel),
+            message,
+        ) {
+            return self.denied(reply, denial, None);
+        }
+        if channel.kind() == ChannelKind::Service {
+            self.dispatch_service(&channel, session.as_ref(), message);
+            return reply.ok();
+        }
+        match self.store(&channel, message).await {
+            Ok(_) => reply.ok(),
+            Err(e) => self.error_reply(reply, e),
+        }
+    }
+
+    fn dispatch_service(
+        self: &Arc<Self>,
+        channel: &ChannelName,
+        session: Option<&Arc<Session>>,
+        message: &Message,
+    ) {
+        let handlers: Vec<ServiceHandler> = self
+            .services
+            .read()
+            .iter()
+            .filter(|(pattern, _)| pattern.matches(channel.as_str()))
+            .map(|(_, h)| h.clone())
+            .collect();
+        for handler in handlers {
+            handler(self, session, message);
+        }
+    }
+
+    /// Serializes `message` once (without a replay ID) and appends it to its channel's log.
+    async fn store(&self, channel: &ChannelName, message: &Message) -> Result<u64, ErrorKind> {
+        let delivered = Message {
+            channel: channel.as_str().to_owned(),
+            id: message.id.clone(),
+            data: message.data.clone(),
+            ext: message.ext.clone(),
+            ..Message::default()
+        };
+        let payload = Bytes::from(bayeux_protocol::encode_message(&delivered));
+        match self.engine.append(channel.as_str(), payload).await {
+            Ok(stored) => {
+                self.metrics.published.inc();
+                Ok(stored.replay_id)
+            }
+            Err(e) => {
+                tracing::error!(channel = %channel, error = %e, "append failed");
+                Err(ErrorKind::StorageFailed)
+            }
+        }
+    }
+
+    /// Builds the delivered bytes of a stored message (once) and queues them for every
+    /// matching session.
+    fn fan_out(&self, stored: &Stored) {
+        let targets = self.index.read().matching(&stored.channel);
+        if targets.is_empty() {
+            return;
+        }
+        let bytes = delivery_bytes(stored);
+        for session in targets {
+            self.enqueue(&session, bytes.clone());
+        }
+    }
+
+    fn enqueue(&self, session: &Session, bytes: Bytes) -> Enqueued {
+        let outcome = session.enqueue(
+            bytes,
+            self.config.limits.max_queue,
+            self.config.limits.queue_overflow,
+        );
+        match outcome {
+            Enqueued::DroppedOldest => {
+                self.metrics
+                    .queue_overflows
+                    .get_or_create(&ActionLabel {
+                        action: "drop-oldest".into(),
+                    })
+                    .inc();
+            }
+            Enqueued::Disconnected => {
+                self.metrics
+                    .queue_overflows
+                    .get_or_create(&ActionLabel {
+                        action: "disconnect".into(),
+                    })
+                    .inc();
+                tracing::warn!(client_id = session.id(), "queue overflow: session ended");
+                if let Some(s) = self.session(session.id()) {
+                    self.remove_session(&s, CloseReason::Overflow);
+                }
+            }
+            Enqueued::Ok | Enqueued::Closed => {}
+        }
+        debug_assert!(
+            self.config.limits.queue_overflow == QueueOverflow::Disconnect
+                || outcome != Enqueued::Disconnected
+        );
+        outcome
+    }
+
+    /// Removes a session and everything it holds.
+    pub fn remove_session(&self, session: &Arc<Session>, reason: CloseReason) {
+        let removed = self.sessions.write().remove(session.id()).is_some();
+        if !removed {
+            return;
+        }
+        self.close_reasons.lock().insert(session.seq, reason);
+        {
+            let st = session.state.lock();
+            let mut index = self.index.write();
+            for pattern in &st.subscriptions {
+                index.remove(pattern, session.seq);
+            }
+        }
+        session.close();
+        self.metrics.sessions.dec();
+        if reason == CloseReason::Expired {
+            self.metrics.sessions_expired.inc();
+        }
+    }
+
+    /// Why `session` closed, if it did.
+    pub fn close_reason(&self, session: &Session) -> Option<CloseReason> {
+        if !session.is_closed() {
+            return None;
+        }
+        self.close_reasons.lock().get(&session.seq).copied()
+    }
+
+    fn sweep(&self) {
+        let max_interval = self.config.timeouts.max_interval();
+        let now = Instant::now();
+        let expired: Vec<Arc<Session>> = self
+            .sessions
+            .read()
+            .values()
+            .filter(|s| {
+                let st = s.state.lock();
+                st.holds == 0 && now.saturating_duration_since(st.last_seen) > max_interval
+            })
+            .cloned()
+            .collect();
+        for session in expired {
+            tracing::debug!(client_id = session.id(), "session expired");
+            self.remove_session(&session, CloseReason::Expired);
+        }
+        // Close reasons are needed only while a request may still look at the session.
+        let live: std::collections::HashSet<u64> =
+            self.sessions.read().values().map(|s| s.seq).collect();
+        let mut reasons = self.close_reasons.lock();
+        if reasons.len() > 1024 {
+            reasons.retain(|seq, _| live.contains(seq));
+        }
+    }
+
+    /// Marks `session` as held. With `supersede`, a long-poll connect already held for it is
+    /// released (it gets [`HoldEnd::Superseded`]), and the returned receiver fires when a newer
+    /// connect supersedes this one.
+    pub fn begin_hold(
+        &self,
+        session: &Arc<Session>,
+        supersede: bool,
+    ) -> (Hold, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        let generation = {
+            let mut st = session.state.lock();
+            st.holds += 1;
+            st.hold_generation += 1;
+            if supersede {
+                if let Some(older) = st.release_held.replace(tx) {
+                    let _ = older.send(());
+                }
+            }
+            st.hold_generation
+        };
+        self.metrics.held_connects.inc();
+        (
+            Hold {
+                session: session.clone(),
+                generation,
+                broker_metrics: self.metrics.clone(),
+            },
+            rx,
+        )
+    }
+
+    /// Holds a long-poll connect until messages arrive (plus the lazy delay), `timeout` passes,
+    /// a newer connect supersedes it, the session ends or the server shuts down.
+    pub async fn hold_connect(&self, session: &Arc<Session>, timeout: Duration) -> HoldEnd {
+        let (_hold, mut released) = self.begin_hold(session, true);
+        let deadline = Instant::now() + timeout;
+        let mut stop = self.shutdown_signal();
+        loop {
+            let notified = session.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if session.is_closed() {
+                return HoldEnd::Closed(self.close_reason(session).unwrap_or(CloseReason::Expired));
+            }
+            if session.has_queued() {
+                break;
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(deadline) => return HoldEnd::Timeout,
+                _ = &mut released => return HoldEnd::Superseded,
+                _ = stopped(&mut stop) => return HoldEnd::Shutdown,
+            }
+        }
+        let lazy = self
+            .config
+            .timeouts
+            .lazy_delay()
+            .min(deadline.saturating_duration_since(Instant::now()));
+        if !lazy.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(lazy) => {}
+                _ = &mut released => return HoldEnd::Superseded,
+            }
+        }
+        HoldEnd::Messages
+    }
+
+    /// Takes the session's queued messages for a response, counting them.
+    pub fn take_deliveries(&self, session: &Session) -> Vec<Bytes> {
+        let out = session.drain();
+        self.metrics.messages_out.inc_by(out.len() as u64);
+        out
+    }
+
+    /// The reply for a connect whose session ended while it was held.
+    pub fn closed_connect_reply(&self, mut reply: Message, reason: CloseReason) -> Message {
+        match reason {
+            CloseReason::Disconnected => {
+                reply.advice = Some(Advice::none());
+                reply
+            }
+            CloseReason::Expired | CloseReason::Overflow => {
+                reply.client_id = None;
+                self.unknown_session(reply, true)
+            }
+        }
+    }
+}
+
+/// The delivered form of a stored message: the payload with `ext.replay` set to its replay ID.
+/// Built once per message, shared by every subscriber.
+pub fn delivery_bytes(stored: &Stored) -> Bytes {
+    let p = &stored.payload;
+    let has_ext = p.windows(5).any(|w| w == b"\"ext\"");
+    if !has_ext && p.len() >= 2 && p.last() == Some(&b'}') {
+        // Fast path: splice `"ext":{"replay":N}` before the closing brace.
+        let mut out = Vec::with_capacity(p.len() + 32);
+        out.extend_from_slice(&p[..p.len() - 1]);
+        if p.len() > 2 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"\"ext\":{\"replay\":");
+        out.extend_from_slice(stored.replay_id.to_string().as_bytes());
+        out.extend_from_slice(b"}}");
+        return Bytes::from(out);
+    }
+    match serde_json::from_slice::<Map<String, Value>>(p) {
+        Ok(mut object) => {
+            let ext = object
+                .entry("ext")
+                .or_insert_with(|| Value::Object(Map::new()));
+            if !ext.is_object() {
+                *ext = Value::Object(Map::new());
+            }
+            if let Value::Object(ext) = ext {
+                ext.insert("replay".into(), Value::from(stored.replay_id));
+            }
+            Bytes::from(serde_json::to_vec(&object).expect("json"))
+        }
+        Err(_) => p.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn stored(payload: &str) -> Stored {
+        Stored {
+            channel: Arc::from("/a"),
+            replay_id: 42,
+            timestamp_ms: 0,
+            payload: Bytes::from(payload.to_owned()),
+        }
+    }
+
+    #[test]
+    fn replay_id_is_added_once() {
+        let v = |s: &str| serde_json::from_slice::<Value>(&delivery_bytes(&stored(s))).unwrap();
+        assert_eq!(
+            v(r#"{"channel":"/a","data":1}"#),
+            json!({"channel":"/a","data":1,"ext":{"replay":42}})
+        );
+        assert_eq!(
+            v(r#"{"channel":"/a","data":1,"ext":{"x":true}}"#),
+            json!({"channel":"/a","data":1,"ext":{"x":true,"replay":42}})
+        );
+        assert_eq!(
+            v(r#"{"channel":"/a","data":"\"ext\""}"#),
+            json!({"channel":"/a","data":"\"ext\"","ext":{"replay":42}})
+        );
+        assert_eq!(
+            v(r#"{"channel":"/a","ext":5,"data":1}"#),
+            json!({"channel":"/a","data":1,"ext":{"replay":42}})
+        );
+    }
+
+    #[test]
+    fn client_ids_are_128_bit_base36() {
+        let a = new_client_id();
+        assert_eq!(a.len(), 25);
+        assert!(a.bytes().all(|b| b.is_ascii_alphanumeric()));
+        assert_ne!(a, new_client_id());
+    }
+}

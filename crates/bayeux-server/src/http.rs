@@ -1,0 +1,153 @@
+//! The HTTP front: one axum router that dispatches the Bayeux endpoint (and everything under
+//! it) to the long-polling, callback-polling or WebSocket transport, plus `/metrics`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use bayeux_protocol::ErrorKind;
+use tokio::net::TcpListener;
+
+use crate::broker::Broker;
+use crate::transport::{BodyError, callback_polling, long_polling, websocket};
+
+/// The axum router serving `broker` at its configured path.
+pub fn router(broker: Arc<Broker>) -> Router {
+    let path = broker.config().path.clone();
+    let nested = if path == "/" {
+        "/{*rest}".to_owned()
+    } else {
+        format!("{path}/{{*rest}}")
+    };
+    let mut router = Router::new()
+        .route("/metrics", get(metrics))
+        .route(&nested, any(endpoint));
+    if path != "/" {
+        router = router
+            .route(&path, any(endpoint))
+            .route(&format!("{path}/"), any(endpoint));
+    } else {
+        router = router.route("/", any(endpoint));
+    }
+    router.with_state(broker)
+}
+
+async fn metrics(State(broker): State<Arc<Broker>>) -> Response {
+    let mut response = broker.metrics().render().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+fn is_websocket_upgrade(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+async fn endpoint(State(broker): State<Arc<Broker>>, request: Request) -> Response {
+    let remote = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let (mut parts, body) = request.into_parts();
+    if is_websocket_upgrade(&parts.headers) {
+        if !broker
+            .config()
+            .offers(bayeux_protocol::connection_type::WEBSOCKET)
+        {
+            return BodyError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorKind::UnknownTransport,
+                "the websocket transport is disabled",
+            )
+            .response(&broker);
+        }
+        let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+            Ok(u) => u,
+            Err(rejection) => {
+                return BodyError::new(
+                    StatusCode::BAD_REQUEST,
+                    ErrorKind::UnknownTransport,
+                    format!("bad websocket upgrade: {}", rejection.body_text()),
+                )
+                .response(&broker);
+            }
+        };
+        let max = broker.config().limits.max_frame_bytes;
+        let headers = parts.headers.clone();
+        return upgrade
+            .max_message_size(max)
+            .max_frame_size(max)
+            .on_upgrade(move |socket| websocket::run(socket, broker, headers, remote));
+    }
+    match parts.method {
+        Method::POST => long_polling::handle(broker, parts, body, remote).await,
+        Method::GET if query_has_message(parts.uri.query()) => {
+            callback_polling::handle(broker, parts, remote).await
+        }
+        Method::GET => BodyError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorKind::UnknownTransport,
+            "a GET needs a message parameter (callback-polling) or a websocket upgrade",
+        )
+        .response(&broker),
+        _ => {
+            let mut r = BodyError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                ErrorKind::UnknownTransport,
+                "use POST (long-polling), GET (callback-polling) or a websocket upgrade",
+            )
+            .response(&broker);
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, POST"));
+            r
+        }
+    }
+}
+
+fn query_has_message(query: Option<&str>) -> bool {
+    query.is_some_and(|q| url::form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "message"))
+}
+
+/// Serves `broker` on `listener` until `shutdown` resolves; then held connects are answered,
+/// WebSockets closed, and open requests given `shutdown_grace_ms` to finish.
+pub async fn serve(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let grace = Duration::from_millis(broker.config().timeouts.shutdown_grace_ms);
+    let app = router(broker.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let stopper = broker.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("shutting down");
+        stopper.shutdown();
+    });
+    let mut stop = broker.shutdown_signal();
+    let server = tokio::spawn(async move { server.await });
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => return result.map_err(std::io::Error::other)?,
+        _ = crate::broker::stopped(&mut stop) => {}
+    }
+    match tokio::time::timeout(grace, &mut server).await {
+        Ok(result) => result.map_err(std::io::Error::other)?,
+        Err(_) => {
+            tracing::warn!("open requests did not finish within the shutdown grace period");
+            server.abort();
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! HTTP long-polling: `POST` with a JSON body (an array of messages or one message) or a
+//! form-encoded body with `message=` parameters.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::response::Response;
+use bayeux_protocol::{ErrorKind, Message, connection_type};
+
+use super::{BodyError, answer_http, check_count, decode, json_response};
+use crate::broker::Broker;
+use crate::policy::RequestInfo;
+
+/// Reads a body of at most the configured size.
+pub(crate) async fn read_body(
+    broker: &Broker,
+    parts: &Parts,
+    body: Body,
+) -> Result<Vec<u8>, BodyError> {
+    let max = broker.config().limits.max_body_bytes;
+    let too_large = || {
+        BodyError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::MessageTooLarge,
+            format!("request body larger than {max} bytes"),
+        )
+    };
+    if let Some(len) = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > max as u64
+    {
+        return Err(too_large());
+    }
+    match axum::body::to_bytes(body, max).await {
+        Ok(bytes) => Ok(bytes.to_vec()),
+        Err(e) => {
+            let length_limit = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if length_limit {
+                Err(too_large())
+            } else {
+                Err(BodyError::new(
+                    StatusCode::BAD_REQUEST,
+                    ErrorKind::MessageInvalid,
+                    format!("cannot read body: {e}"),
+                ))
+            }
+        }
+    }
+}
+
+/// Decodes `message=` parameters (each a message or an array of messages).
+pub(crate) fn decode_form(broker: &Broker, query: &[u8]) -> Result<Vec<Message>, BodyError> {
+    let mut messages = Vec::new();
+    let mut found = false;
+    for (key, value) in url::form_urlencoded::parse(query) {
+        if key == "message" {
+            found = true;
+            messages.extend(bayeux_protocol::decode_batch(value.as_bytes())?);
+            check_count(broker, messages.len())?;
+        }
+    }
+    if !found {
+        return Err(BodyError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorKind::MessageInvalid,
+            "no message parameter",
+        ));
+    }
+    Ok(messages)
+}
+
+/// Serves one long-polling request.
+pub(crate) async fn handle(
+    broker: Arc<Broker>,
+    parts: Parts,
+    body: Body,
+    remote: Option<SocketAddr>,
+) -> Response {
+    match handle_inner(&broker, &parts, body, remote).await {
+        Ok((status, body)) => json_response(status, body),
+        Err(e) => e.response(&broker),
+    }
+}
+
+async fn handle_inner(
+    broker: &Arc<Broker>,
+    parts: &Parts,
+    body: Body,
+    remote: Option<SocketAddr>,
+) -> Result<(StatusCode, Vec<u8>), BodyError> {
+    if !broker.config().offers(connection_type::LONG_POLLING) {
+        return Err(BodyError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorKind::UnknownTransport,
+            "the long-polling transport is disabled",
+        ));
+    }
+    let body = read_body(broker, parts, body).await?;
+    let form = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    let messages = if form {
+        decode_form(broker, &body)?
+    } else {
+        decode(broker, &body)?
+    };
+    let info = RequestInfo {
+        headers: &parts.headers,
+        remote,
+        connection_type: connection_type::LONG_POLLING,
+    };
+    let processed = broker.process(&info, messages).await;
+    Ok(answer_http(broker, processed).await)
+}

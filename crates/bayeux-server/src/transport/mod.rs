@@ -1,0 +1,167 @@
+//! Transports: how messages get in and out. Each decodes requests into [`Message`]s, hands them
+//! to the [`Broker`], and writes out replies and pre-serialized deliveries.
+
+pub mod callback_polling;
+pub mod long_polling;
+pub mod websocket;
+
+use std::sync::Arc;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bayeux_protocol::{DecodeError, ErrorKind, Message, decode_batch};
+use bytes::Bytes;
+
+use crate::broker::{Broker, HoldEnd, Processed};
+
+/// The JSON content type of every Bayeux response.
+pub const JSON: &str = "application/json;charset=UTF-8";
+
+/// A body-level failure: not Bayeux at all, or too large.
+#[derive(Debug)]
+pub struct BodyError {
+    /// HTTP status (400 or 413).
+    pub status: StatusCode,
+    /// The error.
+    pub kind: ErrorKind,
+    /// Human-readable detail.
+    pub detail: String,
+}
+
+impl BodyError {
+    pub(crate) fn new(status: StatusCode, kind: ErrorKind, detail: impl Into<String>) -> Self {
+        BodyError {
+            status,
+            kind,
+            detail: detail.into(),
+        }
+    }
+
+    /// The JSON body: one message with the error and a `detail` field.
+    pub fn body(&self, broker: &Broker) -> Vec<u8> {
+        let mut m = Message::default().failed(self.kind.wire(broker.dialect()));
+        m.other.insert(
+            "detail".into(),
+            serde_json::Value::String(self.detail.clone()),
+        );
+        bayeux_protocol::encode_batch(&[m])
+    }
+
+    /// As an HTTP response, counted in the error metrics.
+    pub fn response(&self, broker: &Broker) -> Response {
+        broker.metrics().error(self.kind.code(broker.dialect()));
+        json_response(self.status, self.body(broker))
+    }
+}
+
+impl From<DecodeError> for BodyError {
+    fn from(e: DecodeError) -> Self {
+        let kind = match &e {
+            DecodeError::Json(j) if j.is_syntax() || j.is_eof() => ErrorKind::InvalidJson,
+            _ => ErrorKind::MessageInvalid,
+        };
+        BodyError::new(StatusCode::BAD_REQUEST, kind, e.to_string())
+    }
+}
+
+/// Decodes a body and applies the per-request message limit.
+pub(crate) fn decode(broker: &Broker, body: &[u8]) -> Result<Vec<Message>, BodyError> {
+    let messages = decode_batch(body)?;
+    check_count(broker, messages.len())?;
+    Ok(messages)
+}
+
+pub(crate) fn check_count(broker: &Broker, n: usize) -> Result<(), BodyError> {
+    let max = broker.config().limits.max_messages_per_request;
+    if n > max {
+        return Err(BodyError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorKind::TooManyMessages,
+            format!("{n} messages in one request; the limit is {max}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A response with the JSON content type and no caching.
+pub fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+    let mut response = (status, body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(JSON));
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, no-store"),
+    );
+    response
+}
+
+/// Joins replies and deliveries into one JSON array: replies to other messages, then
+/// deliveries, then the connect reply last.
+pub(crate) fn build_body(
+    replies: &[Message],
+    deliveries: &[Bytes],
+    connect: Option<&Message>,
+) -> Vec<u8> {
+    let encoded: Vec<Vec<u8>> = replies
+        .iter()
+        .chain(connect)
+        .map(bayeux_protocol::encode_message)
+        .collect();
+    let (others, last) = if connect.is_some() {
+        let (o, l) = encoded.split_at(encoded.len() - 1);
+        (o, l)
+    } else {
+        (&encoded[..], &[][..])
+    };
+    bayeux_protocol::codec::join_array(
+        others
+            .iter()
+            .map(Vec::as_slice)
+            .chain(deliveries.iter().map(|b| &b[..]))
+            .chain(last.iter().map(Vec::as_slice)),
+    )
+}
+
+/// Answers a processed HTTP request (long-polling or callback-polling): holds the connect if
+/// the broker said so, then returns the status and JSON body.
+pub(crate) async fn answer_http(
+    broker: &Arc<Broker>,
+    processed: Processed,
+) -> (StatusCode, Vec<u8>) {
+    let Processed { replies, connect } = processed;
+    let Some(plan) = connect else {
+        return (StatusCode::OK, build_body(&replies, &[], None));
+    };
+    let mut reply = plan.reply;
+    let end = match plan.hold {
+        Some(timeout) => broker.hold_connect(&plan.session, timeout).await,
+        None => HoldEnd::Messages,
+    };
+    let deliveries = match end {
+        HoldEnd::Superseded => {
+            // As CometD: the older request fails with HTTP 500, so a client that really has
+            // two connects outstanding backs off instead of looping.
+            let reply = reply.failed(ErrorKind::ConnectSuperseded.wire(broker.dialect()));
+            broker.metrics().error(500);
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                build_body(&[], &[], Some(&reply)),
+            );
+        }
+        HoldEnd::Closed(reason) => {
+            reply = broker.closed_connect_reply(reply, reason);
+            Vec::new()
+        }
+        HoldEnd::Messages | HoldEnd::Timeout | HoldEnd::Shutdown => {
+            if end == HoldEnd::Timeout && plan.session.is_closed() {
+                Vec::new()
+            } else {
+                broker.take_deliveries(&plan.session)
+            }
+        }
+    };
+    (
+        StatusCode::OK,
+        build_body(&replies, &deliveries, Some(&reply)),
+    )
+}

@@ -1,0 +1,253 @@
+//! WebSocket: one JSON array per frame in both directions. The session is bound to the
+//! connection by its handshake or connect; messages are pushed as they arrive (batched by the
+//! lazy delay) without waking the held `/meta/connect`, which is answered at its timeout as the
+//! heartbeat, exactly as on HTTP.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
+use axum::http::HeaderMap;
+use bayeux_protocol::{ErrorKind, Message, connection_type, meta};
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use tokio::time::Instant;
+
+use super::{BodyError, build_body, decode};
+use crate::broker::{Broker, Hold, Session};
+use crate::policy::RequestInfo;
+
+/// Close code for a message larger than the limit.
+pub const CLOSE_TOO_BIG: u16 = 1009;
+/// Close code at server shutdown.
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// Close code for a protocol error.
+pub const CLOSE_PROTOCOL: u16 = 1002;
+
+struct Pending {
+    reply: Message,
+    deadline: Instant,
+    _hold: Hold,
+}
+
+struct Conn {
+    broker: Arc<Broker>,
+    bound: Option<Arc<Session>>,
+    pending: Option<Pending>,
+}
+
+impl Conn {
+    fn bind(&mut self, session: Arc<Session>) {
+        if self
+            .bound
+            .as_ref()
+            .is_some_and(|b| Arc::ptr_eq(b, &session))
+        {
+            return;
+        }
+        self.pending = None;
+        self.bound = Some(session);
+    }
+
+    /// What to send because the bound session has messages or has closed.
+    fn flush(&mut self) -> Option<Vec<u8>> {
+        let session = self.bound.clone()?;
+        if session.is_closed() {
+            self.bound = None;
+            let pending = self.pending.take()?;
+            let reason = self.broker.close_reason(&session)?;
+            let reply = self.broker.closed_connect_reply(pending.reply, reason);
+            return Some(build_body(&[], &[], Some(&reply)));
+        }
+        let deliveries = self.broker.take_deliveries(&session);
+        if deliveries.is_empty() {
+            return None;
+        }
+        Some(build_body(&[], &deliveries, None))
+    }
+
+    /// Processes one text frame and returns the frame to send back.
+    async fn on_text(&mut self, info: &RequestInfo<'_>, text: &[u8]) -> Vec<u8> {
+        let broker = self.broker.clone();
+        let messages = match decode(&broker, text) {
+            Ok(m) => m,
+            Err(e) => {
+                broker.metrics().error(e.kind.code(broker.dialect()));
+                return e.body(&broker);
+            }
+        };
+        let processed = broker.process(info, messages).await;
+        for reply in &processed.replies {
+            if reply.channel == meta::HANDSHAKE
+                && reply.successful == Some(true)
+                && let Some(session) = reply.client_id.as_deref().and_then(|c| broker.session(c))
+            {
+                self.bind(session);
+            }
+        }
+        let mut replies = processed.replies;
+        let Some(plan) = processed.connect else {
+            return build_body(&replies, &[], None);
+        };
+        self.bind(plan.session.clone());
+        if let Some(older) = self.pending.take() {
+            replies.push(older.reply);
+        }
+        match plan.hold {
+            None => {
+                let deliveries: Vec<Bytes> = broker.take_deliveries(&plan.session);
+                build_body(&replies, &deliveries, Some(&plan.reply))
+            }
+            Some(timeout) => {
+                let (hold, _) = broker.begin_hold(&plan.session, false);
+                self.pending = Some(Pending {
+                    reply: plan.reply,
+                    deadline: Instant::now() + timeout,
+                    _hold: hold,
+                });
+                build_body(&replies, &[], None)
+            }
+        }
+    }
+}
+
+fn text(body: Vec<u8>) -> WsMessage {
+    let s = String::from_utf8(body)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+    WsMessage::Text(s.into())
+}
+
+fn is_empty_array(body: &[u8]) -> bool {
+    body == b"[]"
+}
+
+/// Runs one WebSocket connection until it closes or the server shuts down.
+pub(crate) async fn run(
+    socket: WebSocket,
+    broker: Arc<Broker>,
+    headers: HeaderMap,
+    remote: Option<SocketAddr>,
+) {
+    broker.metrics().websockets.inc();
+    let info = RequestInfo {
+        headers: &headers,
+        remote,
+        connection_type: connection_type::WEBSOCKET,
+    };
+    let (mut sink, mut stream) = socket.split();
+    let mut stop = broker.shutdown_signal();
+    let mut conn = Conn {
+        broker: broker.clone(),
+        bound: None,
+        pending: None,
+    };
+    let lazy = broker.config().timeouts.lazy_delay();
+    loop {
+        let session = conn.bound.clone();
+        let mut notified = session.as_ref().map(|s| Box::pin(s.notify.notified()));
+        if let Some(n) = notified.as_mut() {
+            n.as_mut().enable();
+        }
+        if session
+            .as_ref()
+            .is_some_and(|s| s.is_closed() || s.has_queued())
+        {
+            if let Some(out) = conn.flush()
+                && sink.send(text(out)).await.is_err()
+            {
+                break;
+            }
+            continue;
+        }
+        let deadline = conn.pending.as_ref().map(|p| p.deadline);
+        tokio::select! {
+            frame = stream.next() => match frame {
+                Some(Ok(WsMessage::Text(t))) => {
+                    let out = conn.on_text(&info, t.as_bytes()).await;
+                    if !is_empty_array(&out) && sink.send(text(out)).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(WsMessage::Binary(_))) => {
+                    let e = BodyError::new(
+                        axum::http::StatusCode::BAD_REQUEST,
+                        ErrorKind::MessageInvalid,
+                        "binary frames are not supported; send JSON text",
+                    );
+                    broker.metrics().error(400);
+                    if sink.send(text(e.body(&broker))).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+                Some(Ok(WsMessage::Close(_))) | None => break,
+                Some(Err(e)) => {
+                    let msg = e.to_string();
+                    let too_big = msg.contains("Space limit exceeded") || msg.contains("too long");
+                    let (code, reason) = if too_big {
+                        broker.metrics().error(413);
+                        (CLOSE_TOO_BIG, format!(
+                            "message larger than {} bytes",
+                            broker.config().limits.max_frame_bytes
+                        ))
+                    } else {
+                        (CLOSE_PROTOCOL, "protocol error".to_owned())
+                    };
+                    tracing::debug!(error = %msg, "websocket read failed");
+                    let _ = sink
+                        .send(WsMessage::Close(Some(CloseFrame { code, reason: reason.into() })))
+                        .await;
+                    break;
+                }
+            },
+            _ = async {
+                match notified.as_mut() {
+                    Some(n) => n.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if !lazy.is_zero() {
+                    tokio::time::sleep(lazy).await;
+                }
+                if let Some(out) = conn.flush()
+                    && sink.send(text(out)).await.is_err()
+                {
+                    break;
+                }
+            }
+            _ = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some(pending) = conn.pending.take() {
+                    let deliveries = conn
+                        .bound
+                        .as_ref()
+                        .map(|s| broker.take_deliveries(s))
+                        .unwrap_or_default();
+                    let out = build_body(&[], &deliveries, Some(&pending.reply));
+                    drop(pending);
+                    if sink.send(text(out)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            _ = crate::broker::stopped(&mut stop) => {
+                if let Some(pending) = conn.pending.take() {
+                    let _ = sink.send(text(build_body(&[], &[], Some(&pending.reply)))).await;
+                }
+                let _ = sink
+                    .send(WsMessage::Close(Some(CloseFrame {
+                        code: CLOSE_GOING_AWAY,
+                        reason: "server shutting down".into(),
+                    })))
+                    .await;
+                break;
+            }
+        }
+    }
+    drop(conn);
+    broker.metrics().websockets.dec();
+}

@@ -14,8 +14,10 @@ use tokio::task::JoinHandle;
 
 /// A configuration for tests: port 0, short timeouts.
 pub fn test_config() -> ServerConfig {
-    let mut c = ServerConfig::default();
-    c.bind = "127.0.0.1:0".into();
+    let mut c = ServerConfig {
+        bind: "127.0.0.1:0".into(),
+        ..ServerConfig::default()
+    };
     c.timeouts.connect_timeout_ms = 2_000;
     c.timeouts.shutdown_grace_ms = 1_000;
     c
@@ -290,6 +292,25 @@ impl WsClient {
             .send(tokio_tungstenite::tungstenite::Message::Text(text.into()))
             .await
             .expect("ws send");
+    }
+
+    /// Sends one binary frame.
+    pub async fn send_binary(&mut self, bytes: Vec<u8>) {
+        self.stream
+            .send(tokio_tungstenite::tungstenite::Message::Binary(
+                bytes.into(),
+            ))
+            .await
+            .expect("ws send");
+    }
+
+    /// Sends a close frame and waits (up to five seconds) for the server to close.
+    pub async fn close(mut self) {
+        let _ = self.stream.close(None).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(Ok(_)) = self.stream.next().await {}
+        })
+        .await;
     }
 
     /// The next text frame as a JSON array, or `None` if the socket closed (or nothing came

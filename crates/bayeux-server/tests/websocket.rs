@@ -1,0 +1,173 @@
+//! The WebSocket and callback-polling transports against a real server on port 0.
+
+use std::time::Duration;
+
+use bayeux_test_support::{TestServer, WsClient, test_config};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+async fn ws_subscribed(server: &TestServer, subscription: Value) -> WsClient {
+    let mut c = WsClient::connect(&server.ws_url).await;
+    c.handshake().await;
+    c.send(json!([{"channel":"/meta/subscribe","clientId":c.id(),"subscription":subscription,"id":"s"}]))
+        .await;
+    let reply = c.recv(WAIT).await.unwrap();
+    assert_eq!(reply[0]["successful"], true, "{reply:?}");
+    c.send(json!([{"channel":"/meta/connect","clientId":c.id(),"connectionType":"websocket","id":"c0"}]))
+        .await;
+    let reply = c.recv(WAIT).await.unwrap();
+    assert_eq!(reply.last().unwrap()["channel"], "/meta/connect");
+    assert_eq!(reply.last().unwrap()["successful"], true);
+    c
+}
+
+#[tokio::test]
+async fn messages_are_pushed_while_the_connect_is_held() {
+    let server = TestServer::default_config().await;
+    let mut c = ws_subscribed(&server, json!("/ws/*")).await;
+    // The second connect is held (no reply yet).
+    c.send(json!([{"channel":"/meta/connect","clientId":c.id(),"connectionType":"websocket","id":"c1"}]))
+        .await;
+    let p = server.client();
+    for i in 0..20 {
+        p.publish("/ws/x", json!(i)).await;
+    }
+    let mut got = Vec::new();
+    while got.len() < 20 {
+        let frame = c.recv(WAIT).await.expect("pushed frame");
+        for m in frame {
+            assert_ne!(m["channel"], "/meta/connect", "connect answered early: {m}");
+            got.push(m["data"].as_i64().unwrap());
+        }
+    }
+    assert_eq!(got, (0..20).collect::<Vec<_>>());
+    // The held connect is answered at its timeout (2 s in the test config).
+    let frame = c.recv(Duration::from_secs(4)).await.expect("connect reply");
+    assert_eq!(frame[0]["channel"], "/meta/connect");
+    assert_eq!(frame[0]["id"], "c1");
+    assert_eq!(frame[0]["successful"], true);
+}
+
+#[tokio::test]
+async fn websocket_and_long_polling_clients_share_channels() {
+    let server = TestServer::default_config().await;
+    let mut ws = ws_subscribed(&server, json!("/mix")).await;
+    let mut lp = server.client();
+    lp.handshake().await;
+    lp.subscribe(json!("/mix")).await;
+    lp.connect().await;
+    ws.send(json!([{"channel":"/mix","clientId":ws.id(),"data":"from-ws","id":"p"}]))
+        .await;
+    let mut saw_ack = false;
+    let mut saw_msg = false;
+    while !(saw_ack && saw_msg) {
+        for m in ws.recv(WAIT).await.expect("frame") {
+            if m["id"] == "p" && m["successful"] == true {
+                saw_ack = true;
+            }
+            if m["data"] == "from-ws" {
+                saw_msg = true;
+            }
+        }
+    }
+    let (_, deliveries) = lp.connect_split().await;
+    assert_eq!(deliveries[0]["data"], "from-ws");
+}
+
+#[tokio::test]
+async fn disconnect_over_websocket() {
+    let server = TestServer::default_config().await;
+    let mut c = ws_subscribed(&server, json!("/d")).await;
+    c.send(json!([{"channel":"/meta/disconnect","clientId":c.id(),"id":"bye"}]))
+        .await;
+    let reply = c.recv(WAIT).await.unwrap();
+    assert_eq!(reply[0]["channel"], "/meta/disconnect");
+    assert_eq!(reply[0]["successful"], true);
+    assert_eq!(server.broker.session_count(), 0);
+}
+
+#[tokio::test]
+async fn a_new_connection_picks_up_the_session_by_client_id() {
+    let server = TestServer::default_config().await;
+    let c = ws_subscribed(&server, json!("/re")).await;
+    let id = c.id();
+    drop(c);
+    server.client().publish("/re", json!("while away")).await;
+    let mut c2 = WsClient::connect(&server.ws_url).await;
+    c2.send(json!([{"channel":"/meta/connect","clientId":id,"connectionType":"websocket","id":"again"}]))
+        .await;
+    let mut got = Vec::new();
+    while got.is_empty() {
+        for m in c2.recv(WAIT).await.expect("frame") {
+            if m["channel"] == "/re" {
+                got.push(m);
+            }
+        }
+    }
+    assert_eq!(got[0]["data"], "while away");
+}
+
+#[tokio::test]
+async fn upgrade_on_a_long_polling_only_server_is_refused_cleanly() {
+    let mut config = test_config();
+    config.transports = vec!["long-polling".into()];
+    let server = TestServer::start(config).await;
+    let err = tokio_tungstenite::connect_async(&server.ws_url).await;
+    match err {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 400);
+        }
+        other => panic!("upgrade should be refused, got {other:?}"),
+    }
+    // The server still serves long-polling.
+    let mut c = server.client();
+    let reply = c.handshake().await;
+    assert_eq!(reply["supportedConnectionTypes"], json!(["long-polling"]));
+}
+
+#[tokio::test]
+async fn websocket_is_closed_at_shutdown() {
+    let server = TestServer::default_config().await;
+    let mut c = ws_subscribed(&server, json!("/z")).await;
+    c.send(json!([{"channel":"/meta/connect","clientId":c.id(),"connectionType":"websocket","id":"held"}]))
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopping = tokio::spawn(server.stop());
+    let frame = c.recv(WAIT).await.expect("held connect answered");
+    assert_eq!(frame[0]["id"], "held");
+    assert_eq!(c.close_code(WAIT).await, Some(1001));
+    stopping.await.unwrap();
+}
+
+#[tokio::test]
+async fn callback_polling_wraps_replies_in_the_callback() {
+    let server = TestServer::default_config().await;
+    let message = r#"[{"channel":"/meta/handshake","version":"1.0","supportedConnectionTypes":["callback-polling"],"id":"j"}]"#;
+    let url =
+        reqwest::Url::parse_with_params(&server.url, &[("jsonp", "cb_1.x"), ("message", message)])
+            .unwrap();
+    let r = reqwest::get(url).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/javascript")
+    );
+    let body = r.text().await.unwrap();
+    let inner = body
+        .strip_prefix("cb_1.x(")
+        .and_then(|b| b.strip_suffix(");"))
+        .unwrap_or_else(|| panic!("not wrapped: {body}"));
+    let v: Value = serde_json::from_str(inner).unwrap();
+    assert_eq!(v[0]["successful"], true);
+    let id = v[0]["clientId"].as_str().unwrap().to_owned();
+    // Without a jsonp parameter the Bayeux default callback name is used.
+    let connect =
+        json!([{"channel":"/meta/connect","clientId":id,"connectionType":"callback-polling"}])
+            .to_string();
+    let url = reqwest::Url::parse_with_params(&server.url, &[("message", connect)]).unwrap();
+    let body = reqwest::get(url).await.unwrap().text().await.unwrap();
+    assert!(body.starts_with("jsonpcallback(["), "{body}");
+}

@@ -71,6 +71,17 @@ pub enum ErrorKind {
     UnknownTransport,
     /// A JSONP callback name that is too long or has characters outside `[A-Za-z0-9._-]`.
     CallbackInvalid,
+    /// A replay ID that is malformed, never issued, or older than retention (the args: the ID
+    /// as the client sent it). Salesforce's text in every dialect: the replay extension is
+    /// Salesforce's.
+    ReplayIdInvalid(String),
+    /// A replay map that lacks the subscribed channel (or is not a map).
+    ReplayChannelNotFound {
+        /// The subscribed channel.
+        channel: String,
+        /// The map as Salesforce renders it (`{/a=1, /b=-1}`).
+        map: String,
+    },
     /// A held connect was released because a newer connect for the same session arrived
     /// (HTTP 500; clients must not retry it at once).
     ConnectSuperseded,
@@ -138,6 +149,12 @@ impl ErrorKind {
             (MessageTooLarge, Salesforce) => "413::Maximum Request Size Exceeded".into(),
             (UnknownTransport, _) => "400::unknown_transport".into(),
             (CallbackInvalid, _) => "400::callback_invalid".into(),
+            (ReplayIdInvalid(id), _) => format!(
+                "400::The replayId {{{id}}} you provided was invalid.  Please provide a valid ID, -2 to replay all events, or -1 to replay only new events."
+            ),
+            (ReplayChannelNotFound { channel, map }, _) => format!(
+                "400::The replayId for channel {{{channel}}} wasn't found using the provided replay ID map {{{map}}}. Ensure that the channel name you provided in the replay map is valid and matches the channel name used for subscribing."
+            ),
             (ConnectSuperseded, _) => "500::connect_superseded".into(),
             (Custom(s), _) => s.clone(),
         }
@@ -193,6 +210,18 @@ mod tests {
             "403::Unknown client"
         );
         assert_eq!(ErrorKind::ChannelInvalid.code(Dialect::Cometd), 405);
+        assert_eq!(
+            ErrorKind::ReplayIdInvalid("1553783".into()).wire(Dialect::Cometd),
+            "400::The replayId {1553783} you provided was invalid.  Please provide a valid ID, -2 to replay all events, or -1 to replay only new events."
+        );
+        assert_eq!(
+            ErrorKind::ReplayChannelNotFound {
+                channel: "/topic/X".into(),
+                map: "{}".into()
+            }
+            .wire(Dialect::Salesforce),
+            "400::The replayId for channel {/topic/X} wasn't found using the provided replay ID map {{}}. Ensure that the channel name you provided in the replay map is valid and matches the channel name used for subscribing."
+        );
     }
 
     #[test]

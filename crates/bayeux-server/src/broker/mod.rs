@@ -25,10 +25,11 @@ use serde_json::{Map, Value};
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
-pub use session::{Enqueued, Session};
+use session::AckState;
+pub use session::{Delivery, Enqueued, Session};
 use subscriptions::SubscriptionIndex;
 
-use crate::config::{QueueOverflow, ServerConfig};
+use crate::config::ServerConfig;
 use crate::metrics::{ActionLabel, Metrics};
 use crate::policy::{Denial, Operation, RequestInfo, SecurityPolicy};
 
@@ -268,7 +269,14 @@ impl Broker {
     /// here; returns what the queue did.
     pub fn deliver(&self, session: &Session, message: &Message) -> Enqueued {
         let bytes = Bytes::from(bayeux_protocol::encode_message(message));
-        self.enqueue(session, bytes)
+        self.enqueue(
+            session,
+            Delivery {
+                origin: None,
+                bytes,
+            },
+            false,
+        )
     }
 
     /// Publishes from the server itself (no session, no policy). Returns the replay ID.
@@ -332,7 +340,7 @@ impl Broker {
             }
             let reply = match message.channel.as_str() {
                 meta::HANDSHAKE => self.handshake(request, &message),
-                meta::SUBSCRIBE => self.subscribe(request, &message),
+                meta::SUBSCRIBE => self.subscribe(request, &message).await,
                 meta::UNSUBSCRIBE => self.unsubscribe(&message),
                 meta::DISCONNECT => self.disconnect(&message),
                 _ => self.publish(request, &message).await,
@@ -394,6 +402,15 @@ impl Broker {
         {
             return self.denied(reply, denial, Some(Advice::none()));
         }
+        let wants_replay = message.ext_get("replay") == Some(&Value::Bool(true));
+        let wants_ack = message.ext_get("ack") == Some(&Value::Bool(true));
+        {
+            let mut st = session.state.lock();
+            st.replay_ext = wants_replay;
+            if wants_ack {
+                st.ack = Some(AckState::default());
+            }
+        }
         let id: Arc<str> = Arc::from(session.id());
         self.sessions.write().insert(id, session.clone());
         self.metrics.sessions.inc();
@@ -404,6 +421,12 @@ impl Broker {
         reply.minimum_version = Some(bayeux_protocol::VERSION.into());
         reply.supported_connection_types = Some(self.config.transports.clone());
         reply.advice = Some(self.server_advice());
+        if wants_replay {
+            reply.ext_insert("replay", Value::Bool(true));
+        }
+        if wants_ack {
+            reply.ext_insert("ack", Value::Bool(true));
+        }
         reply
     }
 
@@ -436,9 +459,20 @@ impl Broker {
         }
         reply.client_id = Some(session.id().to_owned());
         let client_timeout = message.advice.as_ref().and_then(|a| a.timeout);
-        let first = {
+        let (first, unacked) = {
             let mut st = session.state.lock();
-            !std::mem::replace(&mut st.connected, true)
+            let first = !std::mem::replace(&mut st.connected, true);
+            // Ack extension: the client confirms every batch up to the number it sends.
+            let confirmed = message.ext_get("ack").and_then(Value::as_u64);
+            let unacked = match (&mut st.ack, confirmed) {
+                (Some(ack), Some(n)) => {
+                    ack.unacked.retain(|(batch, _)| *batch > n);
+                    !ack.unacked.is_empty()
+                }
+                (Some(ack), None) => !ack.unacked.is_empty(),
+                (None, _) => false,
+            };
+            (first, unacked)
         };
         let server_timeout = self.config.timeouts.connect_timeout();
         let timeout = match client_timeout {
@@ -450,7 +484,8 @@ impl Broker {
         if first || message.advice.is_some() {
             reply.advice = Some(self.server_advice());
         }
-        let hold = (!first && alone && !timeout.is_zero()).then_some(timeout);
+        // Unacknowledged messages go out again at once, ahead of newer ones.
+        let hold = (!first && alone && !timeout.is_zero() && !unacked).then_some(timeout);
         Ok(ConnectPlan {
             session,
             reply: reply.ok(),
@@ -462,6 +497,9 @@ impl Broker {
         let Some(subscription) = &message.subscription else {
             return Err(ErrorKind::SubscriptionMissing);
         };
+        if !subscription.is_valid() {
+            return Err(ErrorKind::SubscriptionInvalid);
+        }
         let names = subscription.names();
         if names.is_empty() {
             return Err(ErrorKind::SubscriptionMissing);
@@ -472,7 +510,7 @@ impl Broker {
             .collect()
     }
 
-    fn subscribe(&self, request: &RequestInfo<'_>, message: &Message) -> Message {
+    async fn subscribe(&self, request: &RequestInfo<'_>, message: &Message) -> Message {
         let mut reply = message.reply();
         reply.subscription = message.subscription.clone();
         let Some(session) = message.client_id.as_deref().and_then(|c| self.session(c)) else {
@@ -499,28 +537,156 @@ impl Broker {
             ) {
                 return self.denied(reply, denial, None);
             }
-            wanted.push(Arc::<str>::from(channel.as_str()));
+            wanted.push(channel.clone());
+        }
+        // Replay extension: where each channel starts. Validated before anything changes.
+        let mut starts = Vec::new();
+        for channel in &wanted {
+            match self.replay_start(message, channel).await {
+                Ok(ReplayFrom::Live) => {}
+                Ok(from) => starts.push((channel.clone(), from)),
+                Err(e) => return self.error_reply(reply, e),
+            }
         }
         {
             let mut st = session.state.lock();
             let new = wanted
                 .iter()
-                .filter(|w| !st.subscriptions.contains(*w))
+                .filter(|w| !st.subscriptions.contains(w.as_str()))
                 .count();
             if st.subscriptions.len() + new > self.config.limits.max_subscriptions_per_session {
                 drop(st);
                 return self.error_reply(reply, ErrorKind::SubscriptionLimit);
             }
-            st.subscriptions.extend(wanted.iter().cloned());
+            st.subscriptions
+                .extend(wanted.iter().map(|w| Arc::<str>::from(w.as_str())));
+            // Live first: until its history is queued, live messages for a replayed pattern
+            // wait aside, so the seam has no gap and no repeat.
+            for (channel, _) in &starts {
+                st.replaying.push(Arc::from(channel.as_str()));
+            }
         }
         if session.is_closed() {
             return self.unknown_session(reply, false);
         }
-        let mut index = self.index.write();
-        for channel in &wanted {
-            index.add(channel, &session);
+        {
+            let mut index = self.index.write();
+            for channel in &wanted {
+                index.add(&Arc::from(channel.as_str()), &session);
+            }
+        }
+        for (channel, from) in &starts {
+            let result = self.queue_history(&session, channel, *from).await;
+            self.record_outcomes(
+                &session,
+                session.finish_replay(
+                    channel.as_str(),
+                    self.config.limits.max_queue,
+                    self.config.limits.queue_overflow,
+                ),
+            );
+            if let Err(e) = result {
+                return self.error_reply(reply, e);
+            }
         }
         reply.ok()
+    }
+
+    /// Where a subscribe to `channel` starts, from the replay extension of `message`.
+    async fn replay_start(
+        &self,
+        message: &Message,
+        channel: &ChannelName,
+    ) -> Result<ReplayFrom, ErrorKind> {
+        let Some(map) = message.ext_get("replay") else {
+            return Ok(ReplayFrom::Live);
+        };
+        let not_found = || ErrorKind::ReplayChannelNotFound {
+            channel: channel.to_string(),
+            map: java_map(map),
+        };
+        let Value::Object(map) = map else {
+            return Err(not_found());
+        };
+        let Some(value) = map.get(channel.as_str()) else {
+            return Err(not_found());
+        };
+        let invalid = || ErrorKind::ReplayIdInvalid(value.to_string().trim_matches('"').to_owned());
+        let Some(n) = value.as_i64() else {
+            return Err(invalid());
+        };
+        match n {
+            -1 => Ok(ReplayFrom::Live),
+            -2 => Ok(ReplayFrom::After(0)),
+            n if n < 0 => Err(invalid()),
+            // Replay IDs are per channel: for a pattern, N means "after N" in each matching
+            // channel, and no single channel can make it invalid.
+            n if channel.is_wildcard() => Ok(ReplayFrom::After(n as u64)),
+            n => {
+                let n = n as u64;
+                let bounds = self.engine.bounds(channel.as_str()).await.map_err(|e| {
+                    tracing::error!(error = %e, "engine bounds failed");
+                    ErrorKind::StorageFailed
+                })?;
+                // Valid: issued, and everything after it still retained.
+                let retained_from = bounds.first.unwrap_or(bounds.last_issued + 1);
+                if n > bounds.last_issued || n + 1 < retained_from {
+                    return Err(invalid());
+                }
+                Ok(ReplayFrom::After(n))
+            }
+        }
+    }
+
+    /// Queues the retained history of `channel` (a name or a pattern) after `from`.
+    async fn queue_history(
+        &self,
+        session: &Arc<Session>,
+        channel: &ChannelName,
+        from: ReplayFrom,
+    ) -> Result<(), ErrorKind> {
+        let ReplayFrom::After(after) = from else {
+            return Ok(());
+        };
+        let storage = |e: bayeux_engine::EngineError| {
+            tracing::error!(error = %e, "history read failed");
+            ErrorKind::StorageFailed
+        };
+        // For a pattern: each matching channel in name order, each in replay-ID order.
+        let concrete = if channel.is_wildcard() {
+            self.engine
+                .channels()
+                .await
+                .map_err(storage)?
+                .into_iter()
+                .filter(|c| channel.matches(c))
+                .collect()
+        } else {
+            vec![channel.to_string()]
+        };
+        const PAGE: usize = 1024;
+        for name in concrete {
+            let mut cursor = after;
+            loop {
+                let page = self
+                    .engine
+                    .read(&name, cursor, PAGE)
+                    .await
+                    .map_err(storage)?;
+                for stored in &page {
+                    let delivery = Delivery {
+                        origin: Some((stored.channel.clone(), stored.replay_id)),
+                        bytes: delivery_bytes(stored),
+                    };
+                    self.enqueue(session, delivery, true);
+                }
+                match page.last() {
+                    Some(last) if page.len() == PAGE => cursor = last.replay_id,
+                    _ => break,
+                }
+            }
+        }
+        Ok(())
     }
 
     fn unsubscribe(&self, message: &Message) -> Message {
@@ -646,46 +812,53 @@ impl Broker {
         if targets.is_empty() {
             return;
         }
-        let bytes = delivery_bytes(stored);
+        let delivery = Delivery {
+            origin: Some((stored.channel.clone(), stored.replay_id)),
+            bytes: delivery_bytes(stored),
+        };
         for session in targets {
-            self.enqueue(&session, bytes.clone());
+            self.enqueue(&session, delivery.clone(), false);
         }
     }
 
-    fn enqueue(&self, session: &Session, bytes: Bytes) -> Enqueued {
+    fn enqueue(&self, session: &Session, delivery: Delivery, bypass_gate: bool) -> Enqueued {
         let outcome = session.enqueue(
-            bytes,
+            delivery,
             self.config.limits.max_queue,
             self.config.limits.queue_overflow,
+            bypass_gate,
         );
-        match outcome {
-            Enqueued::DroppedOldest => {
-                self.metrics
-                    .queue_overflows
-                    .get_or_create(&ActionLabel {
-                        action: "drop-oldest".into(),
-                    })
-                    .inc();
-            }
-            Enqueued::Disconnected => {
-                self.metrics
-                    .queue_overflows
-                    .get_or_create(&ActionLabel {
-                        action: "disconnect".into(),
-                    })
-                    .inc();
-                tracing::warn!(client_id = session.id(), "queue overflow: session ended");
-                if let Some(s) = self.session(session.id()) {
-                    self.remove_session(&s, CloseReason::Overflow);
-                }
-            }
-            Enqueued::Ok | Enqueued::Closed => {}
-        }
-        debug_assert!(
-            self.config.limits.queue_overflow == QueueOverflow::Disconnect
-                || outcome != Enqueued::Disconnected
-        );
+        self.record_outcomes(session, [outcome]);
         outcome
+    }
+
+    /// Counts overflows and ends sessions that overflowed under the `disconnect` policy.
+    fn record_outcomes(&self, session: &Session, outcomes: impl IntoIterator<Item = Enqueued>) {
+        for outcome in outcomes {
+            match outcome {
+                Enqueued::DroppedOldest => {
+                    self.metrics
+                        .queue_overflows
+                        .get_or_create(&ActionLabel {
+                            action: "drop-oldest".into(),
+                        })
+                        .inc();
+                }
+                Enqueued::Disconnected => {
+                    self.metrics
+                        .queue_overflows
+                        .get_or_create(&ActionLabel {
+                            action: "disconnect".into(),
+                        })
+                        .inc();
+                    tracing::warn!(client_id = session.id(), "queue overflow: session ended");
+                    if let Some(s) = self.session(session.id()) {
+                        self.remove_session(&s, CloseReason::Overflow);
+                    }
+                }
+                Enqueued::Ok | Enqueued::Closed | Enqueued::Duplicate | Enqueued::Deferred => {}
+            }
+        }
     }
 
     /// Removes a session and everything it holds.
@@ -809,9 +982,41 @@ impl Broker {
         HoldEnd::Messages
     }
 
-    /// Takes the session's queued messages for a response, counting them.
+    /// Takes the session's queued messages to push outside a connect reply (WebSocket),
+    /// counting them. With the ack extension messages go out only in connect replies, so this
+    /// returns nothing.
     pub fn take_deliveries(&self, session: &Session) -> Vec<Bytes> {
+        if session.ack_enabled() {
+            return Vec::new();
+        }
         let out = session.drain();
+        self.metrics.messages_out.inc_by(out.len() as u64);
+        out
+    }
+
+    /// Takes what goes out with a connect reply. With the ack extension: every batch not yet
+    /// acknowledged (oldest first), then the newly queued messages as a new batch, and
+    /// `ext.ack` set to that batch's number on `reply`.
+    pub fn take_for_connect(&self, session: &Session, reply: &mut Message) -> Vec<Bytes> {
+        let mut st = session.state.lock();
+        let fresh: Vec<Bytes> = st.queue.drain(..).collect();
+        let Some(ack) = st.ack.as_mut() else {
+            drop(st);
+            self.metrics.messages_out.inc_by(fresh.len() as u64);
+            return fresh;
+        };
+        if !fresh.is_empty() {
+            ack.batch += 1;
+            let batch = ack.batch;
+            ack.unacked.push_back((batch, fresh));
+        }
+        reply.ext_insert("ack", Value::from(ack.batch));
+        let out: Vec<Bytes> = ack
+            .unacked
+            .iter()
+            .flat_map(|(_, messages)| messages.iter().cloned())
+            .collect();
+        drop(st);
         self.metrics.messages_out.inc_by(out.len() as u64);
         out
     }
@@ -831,12 +1036,37 @@ impl Broker {
     }
 }
 
-/// The delivered form of a stored message: the payload with `ext.replay` set to its replay ID.
-/// Built once per message, shared by every subscriber.
+/// Where a subscribe starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReplayFrom {
+    /// New messages only (`-1`, or no replay extension).
+    Live,
+    /// Everything retained after this replay ID (`-2` is `After(0)`).
+    After(u64),
+}
+
+/// Renders a replay map as Salesforce does in its error texts (a Java `Map.toString()`):
+/// `{/a=1, /b=-1}`.
+fn java_map(map: &Value) -> String {
+    match map {
+        Value::Object(m) => {
+            let entries: Vec<String> = m
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.to_string().trim_matches('"')))
+                .collect();
+            format!("{{{}}}", entries.join(", "))
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The delivered form of a stored message, built once per message and shared by every
+/// subscriber. The replay ID goes into `data.event.replayId` when `data.event` is an object
+/// (the shape of Salesforce events), and into `ext.replay` otherwise.
 pub fn delivery_bytes(stored: &Stored) -> Bytes {
     let p = &stored.payload;
-    let has_ext = p.windows(5).any(|w| w == b"\"ext\"");
-    if !has_ext && p.len() >= 2 && p.last() == Some(&b'}') {
+    let maybe_special = p.windows(5).any(|w| w == b"\"ext\"" || w == b"event");
+    if !maybe_special && p.len() >= 2 && p.last() == Some(&b'}') {
         // Fast path: splice `"ext":{"replay":N}` before the closing brace.
         let mut out = Vec::with_capacity(p.len() + 32);
         out.extend_from_slice(&p[..p.len() - 1]);
@@ -850,6 +1080,14 @@ pub fn delivery_bytes(stored: &Stored) -> Bytes {
     }
     match serde_json::from_slice::<Map<String, Value>>(p) {
         Ok(mut object) => {
+            if let Some(Value::Object(event)) = object
+                .get_mut("data")
+                .and_then(|d| d.as_object_mut())
+                .and_then(|d| d.get_mut("event"))
+            {
+                event.insert("replayId".into(), Value::from(stored.replay_id));
+                return Bytes::from(serde_json::to_vec(&object).expect("json"));
+            }
             let ext = object
                 .entry("ext")
                 .or_insert_with(|| Value::Object(Map::new()));

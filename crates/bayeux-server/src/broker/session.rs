@@ -1,7 +1,7 @@
 //! A client session: its queue of pre-serialized messages, its subscriptions, and the
 //! bookkeeping for held connects and expiry.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -24,6 +24,30 @@ pub enum Enqueued {
     Disconnected,
     /// The session was already closed; nothing queued.
     Closed,
+    /// The message's replay ID is not newer than what this session already has for its
+    /// channel: a duplicate, dropped.
+    Duplicate,
+    /// Held back until a replay subscribe in progress has queued its history.
+    Deferred,
+}
+
+/// A message on its way to a session.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The concrete channel and replay ID of a stored message; `None` for a message that
+    /// never went through the log (a service reply).
+    pub origin: Option<(Arc<str>, u64)>,
+    /// The delivered bytes (a JSON object), shared by every subscriber.
+    pub bytes: Bytes,
+}
+
+/// Ack extension state: batches sent but not yet acknowledged.
+#[derive(Debug, Default)]
+pub(crate) struct AckState {
+    /// The last batch number handed out.
+    pub(crate) batch: u64,
+    /// Sent, unacknowledged batches, oldest first.
+    pub(crate) unacked: VecDeque<(u64, Vec<Bytes>)>,
 }
 
 pub(crate) struct State {
@@ -40,6 +64,16 @@ pub(crate) struct State {
     pub(crate) release_held: Option<oneshot::Sender<()>>,
     /// Messages dropped by the overflow policy.
     pub(crate) dropped: u64,
+    /// Per concrete channel, the last replay ID queued: a message not newer is a duplicate.
+    pub(crate) cursors: HashMap<Arc<str>, u64>,
+    /// Patterns whose replay subscribe is reading history; live messages matching them wait in
+    /// `deferred` until it is done.
+    pub(crate) replaying: Vec<Arc<str>>,
+    pub(crate) deferred: Vec<Delivery>,
+    /// The handshake asked for the replay extension.
+    pub(crate) replay_ext: bool,
+    /// The handshake asked for the ack extension.
+    pub(crate) ack: Option<AckState>,
 }
 
 /// One client's session.
@@ -76,6 +110,11 @@ impl Session {
                 hold_generation: 0,
                 release_held: None,
                 dropped: 0,
+                cursors: HashMap::new(),
+                replaying: Vec::new(),
+                deferred: Vec::new(),
+                replay_ext: false,
+                ack: None,
             }),
             notify: Notify::new(),
             closed: AtomicBool::new(false),
@@ -118,38 +157,57 @@ impl Session {
         self.state.lock().dropped
     }
 
-    /// Queues a pre-serialized message and wakes whoever waits for this session.
-    pub(crate) fn enqueue(&self, message: Bytes, max: usize, overflow: QueueOverflow) -> Enqueued {
+    /// Queues a message and wakes whoever waits for this session. A stored message whose
+    /// replay ID is not newer than the session's cursor for its channel is dropped as a
+    /// duplicate; one matching a pattern whose replay is in progress is deferred. With
+    /// `bypass_gate` (history read by a replay subscribe) the deferral is skipped.
+    pub(crate) fn enqueue(
+        &self,
+        delivery: Delivery,
+        max: usize,
+        overflow: QueueOverflow,
+        bypass_gate: bool,
+    ) -> Enqueued {
         if self.is_closed() {
             return Enqueued::Closed;
         }
         let outcome = {
             let mut st = self.state.lock();
-            if st.queue.len() >= max {
-                match overflow {
-                    QueueOverflow::DropOldest => {
-                        st.queue.pop_front();
-                        st.dropped += 1;
-                        st.queue.push_back(message);
-                        Enqueued::DroppedOldest
-                    }
-                    QueueOverflow::Disconnect => {
-                        st.dropped += 1 + st.queue.len() as u64;
-                        st.queue.clear();
-                        Enqueued::Disconnected
-                    }
-                }
-            } else {
-                st.queue.push_back(message);
-                Enqueued::Ok
-            }
+            enqueue_locked(&mut st, delivery, max, overflow, bypass_gate)
         };
-        if outcome == Enqueued::Disconnected {
+        match outcome {
+            Enqueued::Disconnected => self.close(),
+            Enqueued::Ok | Enqueued::DroppedOldest => self.notify.notify_waiters(),
+            Enqueued::Closed | Enqueued::Duplicate | Enqueued::Deferred => {}
+        }
+        outcome
+    }
+
+    /// Ends the replay of `pattern`: deferred messages no longer gated are queued (newer than
+    /// the history just queued, or dropped as duplicates). Returns what each enqueue did.
+    pub(crate) fn finish_replay(
+        &self,
+        pattern: &str,
+        max: usize,
+        overflow: QueueOverflow,
+    ) -> Vec<Enqueued> {
+        let outcomes = {
+            let mut st = self.state.lock();
+            if let Some(i) = st.replaying.iter().position(|p| &**p == pattern) {
+                st.replaying.swap_remove(i);
+            }
+            let deferred = std::mem::take(&mut st.deferred);
+            deferred
+                .into_iter()
+                .map(|d| enqueue_locked(&mut st, d, max, overflow, false))
+                .collect::<Vec<_>>()
+        };
+        if outcomes.contains(&Enqueued::Disconnected) {
             self.close();
         } else {
             self.notify.notify_waiters();
         }
-        outcome
+        outcomes
     }
 
     /// Takes everything queued.
@@ -161,7 +219,57 @@ impl Session {
         !self.state.lock().queue.is_empty()
     }
 
+    /// True when the handshake enabled the ack extension.
+    pub fn ack_enabled(&self) -> bool {
+        self.state.lock().ack.is_some()
+    }
+
     pub(crate) fn touch(&self) {
         self.state.lock().last_seen = Instant::now();
+    }
+}
+
+fn enqueue_locked(
+    st: &mut State,
+    delivery: Delivery,
+    max: usize,
+    overflow: QueueOverflow,
+    bypass_gate: bool,
+) -> Enqueued {
+    if let Some((channel, replay_id)) = &delivery.origin {
+        if !bypass_gate
+            && st
+                .replaying
+                .iter()
+                .any(|p| bayeux_protocol::channel::matches(p, channel))
+        {
+            st.deferred.push(delivery);
+            return Enqueued::Deferred;
+        }
+        match st.cursors.get_mut(channel) {
+            Some(cursor) if *replay_id <= *cursor => return Enqueued::Duplicate,
+            Some(cursor) => *cursor = *replay_id,
+            None => {
+                st.cursors.insert(channel.clone(), *replay_id);
+            }
+        }
+    }
+    if st.queue.len() >= max {
+        match overflow {
+            QueueOverflow::DropOldest => {
+                st.queue.pop_front();
+                st.dropped += 1;
+                st.queue.push_back(delivery.bytes);
+                Enqueued::DroppedOldest
+            }
+            QueueOverflow::Disconnect => {
+                st.dropped += 1 + st.queue.len() as u64;
+                st.queue.clear();
+                Enqueued::Disconnected
+            }
+        }
+    } else {
+        st.queue.push_back(delivery.bytes);
+        Enqueued::Ok
     }
 }

@@ -153,11 +153,7 @@ pub(crate) async fn answer_http(
             Vec::new()
         }
         HoldEnd::Messages | HoldEnd::Timeout | HoldEnd::Shutdown => {
-            if end == HoldEnd::Timeout && plan.session.is_closed() {
-                Vec::new()
-            } else {
-                broker.take_deliveries(&plan.session)
-            }
+            broker.take_for_connect(&plan.session, &mut reply)
         }
     };
     (

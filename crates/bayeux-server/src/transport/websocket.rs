@@ -59,11 +59,26 @@ impl Conn {
             let reply = self.broker.closed_connect_reply(pending.reply, reason);
             return Some(build_body(&[], &[], Some(&reply)));
         }
+        if session.ack_enabled() {
+            // With the ack extension messages travel only in connect replies, each reply a
+            // batch the client confirms: answer the held connect (or wait for the next one).
+            let pending = self.pending.take()?;
+            let mut reply = pending.reply;
+            let deliveries = self.broker.take_for_connect(&session, &mut reply);
+            return Some(build_body(&[], &deliveries, Some(&reply)));
+        }
         let deliveries = self.broker.take_deliveries(&session);
         if deliveries.is_empty() {
             return None;
         }
         Some(build_body(&[], &deliveries, None))
+    }
+
+    /// Would [`Conn::flush`] send something now?
+    fn can_flush(&self) -> bool {
+        self.bound.as_ref().is_some_and(|s| {
+            s.is_closed() || (s.has_queued() && (self.pending.is_some() || !s.ack_enabled()))
+        })
     }
 
     /// Processes one text frame and returns the frame to send back.
@@ -95,8 +110,9 @@ impl Conn {
         }
         match plan.hold {
             None => {
-                let deliveries: Vec<Bytes> = broker.take_deliveries(&plan.session);
-                build_body(&replies, &deliveries, Some(&plan.reply))
+                let mut reply = plan.reply;
+                let deliveries: Vec<Bytes> = broker.take_for_connect(&plan.session, &mut reply);
+                build_body(&replies, &deliveries, Some(&reply))
             }
             Some(timeout) => {
                 let (hold, _) = broker.begin_hold(&plan.session, false);
@@ -148,10 +164,7 @@ pub(crate) async fn run(
         if let Some(n) = notified.as_mut() {
             n.as_mut().enable();
         }
-        if session
-            .as_ref()
-            .is_some_and(|s| s.is_closed() || s.has_queued())
-        {
+        if conn.can_flush() {
             if let Some(out) = conn.flush()
                 && sink.send(text(out)).await.is_err()
             {
@@ -222,13 +235,13 @@ pub(crate) async fn run(
                 }
             } => {
                 if let Some(pending) = conn.pending.take() {
+                    let mut reply = pending.reply;
                     let deliveries = conn
                         .bound
                         .as_ref()
-                        .map(|s| broker.take_deliveries(s))
+                        .map(|s| broker.take_for_connect(s, &mut reply))
                         .unwrap_or_default();
-                    let out = build_body(&[], &deliveries, Some(&pending.reply));
-                    drop(pending);
+                    let out = build_body(&[], &deliveries, Some(&reply));
                     if sink.send(text(out)).await.is_err() {
                         break;
                     }

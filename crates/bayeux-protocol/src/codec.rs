@@ -34,19 +34,33 @@ pub fn decode_batch(body: &[u8]) -> Result<Vec<Message>, DecodeError> {
         .ok_or(DecodeError::Empty)?;
     match first {
         b'[' => {
-            let messages: Vec<Message> = serde_json::from_slice(body)?;
+            let messages: Vec<Message> =
+                serde_json::from_slice(body).map_err(|e| syntax_first(body, e))?;
             if messages.is_empty() {
                 return Err(DecodeError::EmptyBatch);
             }
             Ok(messages)
         }
-        b'{' => Ok(vec![serde_json::from_slice(body)?]),
+        b'{' => Ok(vec![
+            serde_json::from_slice(body).map_err(|e| syntax_first(body, e))?,
+        ]),
         _ => {
             // Report a JSON syntax error when there is one, else say what is wrong.
             serde_json::from_slice::<serde::de::IgnoredAny>(body)?;
             Err(DecodeError::NotMessages)
         }
     }
+}
+
+/// A body that is not JSON at all must be reported as such, even when decoding into messages
+/// stopped earlier at a wrong type (`[[[…` or `[42, {"chan…`): prefer the syntax error.
+fn syntax_first(body: &[u8], error: serde_json::Error) -> serde_json::Error {
+    if error.is_data()
+        && let Err(syntax) = serde_json::from_slice::<serde::de::IgnoredAny>(body)
+    {
+        return syntax;
+    }
+    error
 }
 
 /// Encodes messages as a JSON array.
@@ -103,6 +117,17 @@ mod tests {
             Err(DecodeError::Json(_))
         ));
         assert!(matches!(decode_batch(b"nul"), Err(DecodeError::Json(_))));
+        // A type error before a syntax error still reports the syntax error.
+        for truncated in [&b"[[[["[..], b"[42,{\"chan", b"{\"channel\":42,\"da"] {
+            match decode_batch(truncated) {
+                Err(DecodeError::Json(e)) => assert!(e.is_syntax() || e.is_eof(), "{e}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        match decode_batch(br#"[{"channel":42}]"#) {
+            Err(DecodeError::Json(e)) => assert!(e.is_data(), "{e}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

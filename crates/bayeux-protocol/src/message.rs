@@ -17,15 +17,25 @@ pub enum Subscription {
     One(String),
     /// Several channel names.
     Many(Vec<String>),
+    /// Anything else (a number, an object, a list holding a non-string), kept as received so
+    /// the server can answer `subscription_invalid` for this message alone instead of refusing
+    /// the whole body.
+    Invalid(Value),
 }
 
 impl Subscription {
-    /// The channel names, whichever form was used.
+    /// The channel names, whichever form was used (none for [`Subscription::Invalid`]).
     pub fn names(&self) -> &[String] {
         match self {
             Subscription::One(s) => std::slice::from_ref(s),
             Subscription::Many(v) => v,
+            Subscription::Invalid(_) => &[],
         }
+    }
+
+    /// False for a value that is neither a string nor a list of strings.
+    pub fn is_valid(&self) -> bool {
+        !matches!(self, Subscription::Invalid(_))
     }
 }
 

@@ -23,6 +23,8 @@ pub const CLOSE_TOO_BIG: u16 = 1009;
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 /// Close code for a protocol error.
 pub const CLOSE_PROTOCOL: u16 = 1002;
+/// Close code for a text message that is not UTF-8.
+pub const CLOSE_INVALID_PAYLOAD: u16 = 1007;
 
 struct Pending {
     reply: Message,
@@ -193,7 +195,13 @@ pub(crate) async fn run(
                     }
                 }
                 Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
-                Some(Ok(WsMessage::Close(_))) | None => break,
+                Some(Ok(WsMessage::Close(_))) => {
+                    // The library queued the close reply; send it before dropping the socket
+                    // so the client sees a clean close, not 1006.
+                    let _ = sink.flush().await;
+                    break;
+                }
+                None => break,
                 Some(Err(e)) => {
                     let msg = e.to_string();
                     let too_big = msg.contains("Space limit exceeded") || msg.contains("too long");
@@ -203,6 +211,8 @@ pub(crate) async fn run(
                             "message larger than {} bytes",
                             broker.config().limits.max_frame_bytes
                         ))
+                    } else if msg.contains("UTF-8") {
+                        (CLOSE_INVALID_PAYLOAD, "text frame is not UTF-8".to_owned())
                     } else {
                         (CLOSE_PROTOCOL, "protocol error".to_owned())
                     };

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use bayeux_server::Server;
 use bayeux_server::config::{DEFAULT_CONFIG_TOML, QueueOverflow, ServerConfig};
+use bayeux_server::salesforce::SalesforceConfig;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
@@ -101,6 +102,19 @@ struct ServeArgs {
     /// History kept per channel: maximum payload bytes [default: 67108864].
     #[arg(long, env = "BAYEUX_RETENTION_MAX_BYTES")]
     retention_max_bytes: Option<u64>,
+    /// Play the Salesforce Streaming API (OAuth, /cometd/<version>, REST publish, faults).
+    /// Without a [salesforce] config section, a demo org is used and printed on stderr.
+    #[arg(long, env = "BAYEUX_SALESFORCE")]
+    salesforce: bool,
+    /// Salesforce mode: how long access tokens live, seconds [default: 7200].
+    #[arg(long, env = "BAYEUX_SF_TOKEN_LIFETIME")]
+    sf_token_lifetime: Option<u64>,
+    /// Salesforce mode: connect hold and advice.timeout, seconds [default: 110].
+    #[arg(long, env = "BAYEUX_SF_CONNECT_TIMEOUT")]
+    sf_connect_timeout: Option<u64>,
+    /// Salesforce mode: a session without a request for this long is swept, seconds [default: 40].
+    #[arg(long, env = "BAYEUX_SF_RECONNECT_DEADLINE")]
+    sf_reconnect_deadline: Option<u64>,
 }
 
 macro_rules! set {
@@ -151,6 +165,19 @@ impl ServeArgs {
         set!(r.max_age_secs, self.retention_max_age_secs);
         set!(r.max_messages, self.retention_max_messages);
         set!(r.max_bytes, self.retention_max_bytes);
+        if self.salesforce && c.salesforce.is_none() {
+            c.salesforce = Some(SalesforceConfig::demo());
+        }
+        if let Some(sf) = &mut c.salesforce {
+            set!(sf.token_lifetime_secs, self.sf_token_lifetime);
+            set!(sf.connect_timeout_secs, self.sf_connect_timeout);
+            set!(sf.reconnect_deadline_secs, self.sf_reconnect_deadline);
+        } else if self.sf_token_lifetime.is_some()
+            || self.sf_connect_timeout.is_some()
+            || self.sf_reconnect_deadline.is_some()
+        {
+            return Err("--sf-* flags need --salesforce or a [salesforce] config section".into());
+        }
         c.validate().map_err(|e| e.to_string())?;
         Ok(c)
     }
@@ -186,6 +213,9 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {bind}: {e}"))?;
     // The first line on stdout, for scripts and tests that start the server on port 0.
     println!("LISTENING {}", server.url());
+    if let Some(emulator) = server.emulator() {
+        eprintln!("{}", bayeux_server::salesforce::describe(emulator));
+    }
     tracing::info!(url = %server.url(), "listening");
     server
         .run(shutdown_signal())

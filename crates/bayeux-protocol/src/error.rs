@@ -82,6 +82,21 @@ pub enum ErrorKind {
         /// The map as Salesforce renders it (`{/a=1, /b=-1}`).
         map: String,
     },
+    /// Salesforce: the token is dead (expired, revoked) on connect; the failure reason of a
+    /// denied handshake.
+    AuthenticationInvalid,
+    /// Salesforce: no token on a handshake (a failure reason).
+    AuthenticationRequired,
+    /// Salesforce: `/cometd` without a version (the args: the latest version).
+    ApiVersionMissing(String),
+    /// Salesforce: a version older than the oldest supported (the args: oldest, latest).
+    ApiVersionUnsupported(String, String),
+    /// Salesforce: a subscribe to a channel the org does not have.
+    ChannelNotFound(String),
+    /// Salesforce: the org's daily delivery allocation is used up.
+    DailyLimitExceeded,
+    /// Salesforce: the server is too busy (a fault the emulator injects).
+    TooBusy,
     /// A held connect was released because a newer connect for the same session arrived
     /// (HTTP 500; clients must not retry it at once).
     ConnectSuperseded,
@@ -155,6 +170,19 @@ impl ErrorKind {
             (ReplayChannelNotFound { channel, map }, _) => format!(
                 "400::The replayId for channel {{{channel}}} wasn't found using the provided replay ID map {{{map}}}. Ensure that the channel name you provided in the replay map is valid and matches the channel name used for subscribing."
             ),
+            (AuthenticationInvalid, _) => SF_AUTH_INVALID.into(),
+            (AuthenticationRequired, _) => SF_AUTH_REQUIRED.into(),
+            (ApiVersionMissing(latest), _) => {
+                format!("400::API version in the URI is mandatory. URI format: '/cometd/{latest}'")
+            }
+            (ApiVersionUnsupported(oldest, latest), _) => format!(
+                "400::Unsupported API version. Only API versions '{oldest}' and later are supported. URI format: '/cometd/{latest}'"
+            ),
+            (ChannelNotFound(channel), _) => format!(
+                "400::The channel you requested to subscribe to does not exist {{{channel}}}"
+            ),
+            (DailyLimitExceeded, _) => "403::Organization total events daily limit exceeded".into(),
+            (TooBusy, _) => SF_SERVER_BUSY.into(),
             (ConnectSuperseded, _) => "500::connect_superseded".into(),
             (Custom(s), _) => s.clone(),
         }

@@ -47,6 +47,9 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// History kept per channel.
     pub retention: RetentionConfig,
+    /// The Salesforce emulator; present means on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub salesforce: Option<crate::salesforce::SalesforceConfig>,
 }
 
 /// `[timeouts]`
@@ -115,6 +118,7 @@ impl Default for ServerConfig {
             timeouts: Timeouts::default(),
             limits: Limits::default(),
             retention: RetentionConfig::default(),
+            salesforce: None,
         }
     }
 }
@@ -221,12 +225,30 @@ impl ServerConfig {
         if self.limits.max_messages_per_request == 0 {
             return bad("limits.max_messages_per_request must be positive");
         }
+        if let Some(sf) = &self.salesforce {
+            sf.validate().map_err(ConfigError::Invalid)?;
+        }
         Ok(())
     }
 
     /// Does the server offer `connection_type`?
     pub fn offers(&self, connection_type: &str) -> bool {
         self.transports.iter().any(|t| t == connection_type)
+    }
+
+    /// The configuration the server really runs with: in Salesforce mode the endpoint behaves
+    /// as Salesforce's does (long-polling only, its connect timeout, reconnect deadline and body
+    /// limit).
+    pub fn effective(&self) -> ServerConfig {
+        let mut c = self.clone();
+        if let Some(sf) = &self.salesforce {
+            c.transports = vec!["long-polling".into()];
+            c.timeouts.connect_timeout_ms = sf.connect_timeout_secs * 1000;
+            c.timeouts.interval_ms = 0;
+            c.timeouts.max_interval_ms = sf.reconnect_deadline_secs * 1000;
+            c.limits.max_body_bytes = sf.max_body_bytes;
+        }
+        c
     }
 
     /// The retention as the engine takes it.

@@ -18,8 +18,9 @@ use tokio::net::TcpListener;
 use crate::broker::Broker;
 use crate::transport::{BodyError, callback_polling, long_polling, websocket};
 
-/// The axum router serving `broker` at its configured path.
-pub fn router(broker: Arc<Broker>) -> Router {
+/// The axum router serving `broker` at its configured path, plus `extra` routes (the
+/// Salesforce emulator's).
+pub fn router(broker: Arc<Broker>, extra: Option<Router>) -> Router {
     let path = broker.config().path.clone();
     let nested = if path == "/" {
         "/{*rest}".to_owned()
@@ -36,7 +37,11 @@ pub fn router(broker: Arc<Broker>) -> Router {
     } else {
         router = router.route("/", any(endpoint));
     }
-    router.with_state(broker)
+    let router = router.with_state(broker);
+    match extra {
+        Some(extra) => router.merge(extra),
+        None => router,
+    }
 }
 
 async fn metrics(State(broker): State<Arc<Broker>>) -> Response {
@@ -91,6 +96,9 @@ async fn endpoint(State(broker): State<Arc<Broker>>, request: Request) -> Respon
             .max_frame_size(max)
             .on_upgrade(move |socket| websocket::run(socket, broker, headers, remote));
     }
+    if let Some(error) = salesforce_version_error(&broker, parts.uri.path()) {
+        return long_polling::reject_all(broker, parts, body, error).await;
+    }
     match parts.method {
         Method::POST => long_polling::handle(broker, parts, body, remote).await,
         Method::GET if query_has_message(parts.uri.query()) => {
@@ -116,6 +124,23 @@ async fn endpoint(State(broker): State<Arc<Broker>>, request: Request) -> Respon
     }
 }
 
+/// Salesforce mode: the endpoint is `/cometd/<version>[/…]` with a version at least the
+/// oldest supported.
+fn salesforce_version_error(broker: &Broker, path: &str) -> Option<ErrorKind> {
+    let sf = broker.config().salesforce.as_ref()?;
+    let rest = path
+        .strip_prefix(broker.config().path.as_str())
+        .unwrap_or("")
+        .trim_start_matches('/');
+    let version = rest.split('/').next().unwrap_or("");
+    let latest = sf.latest_api_version.clone();
+    let Some(v) = crate::salesforce::config::parse_version(version) else {
+        return Some(ErrorKind::ApiVersionMissing(latest));
+    };
+    let oldest = crate::salesforce::config::parse_version(&sf.min_api_version).unwrap_or(0.0);
+    (v < oldest).then(|| ErrorKind::ApiVersionUnsupported(sf.min_api_version.clone(), latest))
+}
+
 fn query_has_message(query: Option<&str>) -> bool {
     query.is_some_and(|q| url::form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "message"))
 }
@@ -125,10 +150,11 @@ fn query_has_message(query: Option<&str>) -> bool {
 pub async fn serve(
     listener: TcpListener,
     broker: Arc<Broker>,
+    extra: Option<Router>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let grace = Duration::from_millis(broker.config().timeouts.shutdown_grace_ms);
-    let app = router(broker.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let app = router(broker.clone(), extra).into_make_service_with_connect_info::<SocketAddr>();
     let stopper = broker.clone();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;

@@ -19,6 +19,7 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod policy;
+pub mod salesforce;
 pub mod transport;
 
 use std::future::Future;
@@ -60,11 +61,22 @@ impl ServerBuilder {
         self
     }
 
-    /// Validates the configuration, binds the listener and starts the broker's tasks.
-    pub async fn bind(self) -> std::io::Result<Server> {
+    /// Validates the configuration, binds the listener and starts the broker's tasks. With a
+    /// `[salesforce]` section the server plays Salesforce: its policy, dialect and routes.
+    pub async fn bind(mut self) -> std::io::Result<Server> {
         self.config
             .validate()
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let emulator = self
+            .config
+            .salesforce
+            .clone()
+            .map(salesforce::Emulator::new);
+        if let Some(e) = &emulator {
+            self.policy = Arc::new(salesforce::SalesforcePolicy::new(e.clone()));
+            self.dialect = Dialect::Salesforce;
+        }
+        self.config = self.config.effective();
         let engine = match self.engine {
             Some(e) => e,
             None => match self.config.engine {
@@ -77,10 +89,14 @@ impl ServerBuilder {
         let local_addr = listener.local_addr()?;
         let broker = Broker::new(self.config, engine, self.policy, self.dialect);
         broker.start();
+        if let Some(e) = &emulator {
+            e.attach(&format!("http://{local_addr}"), &broker);
+        }
         Ok(Server {
             broker,
             listener,
             local_addr,
+            emulator,
         })
     }
 }
@@ -90,6 +106,7 @@ pub struct Server {
     broker: Arc<Broker>,
     listener: TcpListener,
     local_addr: SocketAddr,
+    emulator: Option<Arc<salesforce::Emulator>>,
 }
 
 impl Server {
@@ -118,6 +135,11 @@ impl Server {
         )
     }
 
+    /// The Salesforce emulator, when the server plays Salesforce.
+    pub fn emulator(&self) -> Option<&Arc<salesforce::Emulator>> {
+        self.emulator.as_ref()
+    }
+
     /// The broker, for server-side publishing and service listeners.
     pub fn broker(&self) -> &Arc<Broker> {
         &self.broker
@@ -128,6 +150,9 @@ impl Server {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        http::serve(self.listener, self.broker, shutdown).await
+        let extra = self
+            .emulator
+            .map(|e| salesforce::routes(e, self.broker.clone()));
+        http::serve(self.listener, self.broker, extra, shutdown).await
     }
 }

@@ -964,7 +964,7 @@ async fn unsupported_connection_type_is_301() {
     assert_eq!(
         reply,
         json!({
-            "channel":"/meta/connect","id":"c1","successful":false,
+            "channel":"/meta/connect","id":"c1","clientId":c.id(),"successful":false,
             "error":"301:carrier-pigeon:Connection types not supported",
             "advice":{"reconnect":"handshake","interval":0}
         })

@@ -47,6 +47,9 @@ pub enum CloseReason {
     Expired,
     /// Its queue overflowed under the `disconnect` policy.
     Overflow,
+    /// The server ended it and told the client to handshake again (a server-sent
+    /// `/meta/disconnect`).
+    ServerDisconnect,
 }
 
 /// The result of processing one request's messages.
@@ -118,6 +121,7 @@ pub struct Broker {
     index: RwLock<SubscriptionIndex>,
     services: RwLock<Vec<(ChannelName, ServiceHandler)>>,
     close_reasons: Mutex<HashMap<u64, CloseReason>>,
+    stall_window: Mutex<Option<(Instant, Instant)>>,
     next_seq: AtomicU64,
     metrics: Arc<Metrics>,
     shutdown_tx: watch::Sender<bool>,
@@ -160,6 +164,7 @@ impl Broker {
             index: RwLock::new(SubscriptionIndex::default()),
             services: RwLock::new(Vec::new()),
             close_reasons: Mutex::new(HashMap::new()),
+            stall_window: Mutex::new(None),
             next_seq: AtomicU64::new(1),
             metrics: Arc::new(Metrics::new()),
             shutdown_tx,
@@ -247,6 +252,11 @@ impl Broker {
     /// A live session by clientId.
     pub fn session(&self, client_id: &str) -> Option<Arc<Session>> {
         self.sessions.read().get(client_id).cloned()
+    }
+
+    /// The clientIds of every live session.
+    pub fn session_ids(&self) -> Vec<String> {
+        self.sessions.read().keys().map(|k| k.to_string()).collect()
     }
 
     /// Number of live sessions.
@@ -420,7 +430,13 @@ impl Broker {
         reply.version = Some(bayeux_protocol::VERSION.into());
         reply.minimum_version = Some(bayeux_protocol::VERSION.into());
         reply.supported_connection_types = Some(self.config.transports.clone());
-        reply.advice = Some(self.server_advice());
+        if self.dialect == Dialect::Salesforce {
+            // Salesforce's handshake reply has no advice and always announces replay.
+            reply.ext_insert("replay", Value::Bool(true));
+            reply.ext_insert("payload.format", Value::Bool(true));
+        } else {
+            reply.advice = Some(self.server_advice());
+        }
         if wants_replay {
             reply.ext_insert("replay", Value::Bool(true));
         }
@@ -443,6 +459,8 @@ impl Broker {
             return Err(self.unknown_session(reply, true));
         };
         session.touch();
+        // Every connect reply for a known session names it, failures included (as Salesforce).
+        reply.client_id = Some(session.id().to_owned());
         if let Some(t) = message.connection_type.as_deref()
             && !self.config.offers(t)
         {
@@ -457,7 +475,6 @@ impl Broker {
         {
             return Err(self.denied(reply, denial, Some(Advice::none())));
         }
-        reply.client_id = Some(session.id().to_owned());
         let client_timeout = message.advice.as_ref().and_then(|a| a.timeout);
         let (first, unacked) = {
             let mut st = session.state.lock();
@@ -494,6 +511,19 @@ impl Broker {
     }
 
     fn parse_subscription(&self, message: &Message) -> Result<Vec<ChannelName>, ErrorKind> {
+        Ok(self
+            .parse_filtered_subscription(message)?
+            .into_iter()
+            .map(|(c, _)| c)
+            .collect())
+    }
+
+    /// The subscribed channels, each with its `?Field=Value&…` filter (Salesforce PushTopic
+    /// only; the plain endpoint rejects `?` as an invalid character).
+    fn parse_filtered_subscription(
+        &self,
+        message: &Message,
+    ) -> Result<Vec<(ChannelName, Vec<(String, String)>)>, ErrorKind> {
         let Some(subscription) = &message.subscription else {
             return Err(ErrorKind::SubscriptionMissing);
         };
@@ -506,7 +536,21 @@ impl Broker {
         }
         names
             .iter()
-            .map(|n| ChannelName::new(n).map_err(|_| ErrorKind::SubscriptionInvalid))
+            .map(|n| {
+                let (base, filter) = match n.split_once('?') {
+                    Some((base, query))
+                        if self.dialect == Dialect::Salesforce && base.starts_with("/topic/") =>
+                    {
+                        let conditions = url::form_urlencoded::parse(query.as_bytes())
+                            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                            .collect();
+                        (base, conditions)
+                    }
+                    _ => (n.as_str(), Vec::new()),
+                };
+                let channel = ChannelName::new(base).map_err(|_| ErrorKind::SubscriptionInvalid)?;
+                Ok((channel, filter))
+            })
             .collect()
     }
 
@@ -517,10 +561,11 @@ impl Broker {
             return self.unknown_session(reply, false);
         };
         session.touch();
-        let channels = match self.parse_subscription(message) {
+        let filtered = match self.parse_filtered_subscription(message) {
             Ok(c) => c,
             Err(e) => return self.error_reply(reply, e),
         };
+        let channels: Vec<ChannelName> = filtered.iter().map(|(c, _)| c.clone()).collect();
         let mut wanted = Vec::new();
         for channel in &channels {
             match channel.kind() {
@@ -560,6 +605,14 @@ impl Broker {
             }
             st.subscriptions
                 .extend(wanted.iter().map(|w| Arc::<str>::from(w.as_str())));
+            for (channel, conditions) in &filtered {
+                if conditions.is_empty() {
+                    st.filters.remove(channel.as_str());
+                } else {
+                    st.filters
+                        .insert(Arc::from(channel.as_str()), conditions.clone());
+                }
+            }
             // Live first: until its history is queued, live messages for a replayed pattern
             // wait aside, so the seam has no gap and no repeat.
             for (channel, _) in &starts {
@@ -856,7 +909,11 @@ impl Broker {
                         self.remove_session(&s, CloseReason::Overflow);
                     }
                 }
-                Enqueued::Ok | Enqueued::Closed | Enqueued::Duplicate | Enqueued::Deferred => {}
+                Enqueued::Ok
+                | Enqueued::Closed
+                | Enqueued::Duplicate
+                | Enqueued::Deferred
+                | Enqueued::Filtered => {}
             }
         }
     }
@@ -879,6 +936,46 @@ impl Broker {
         self.metrics.sessions.dec();
         if reason == CloseReason::Expired {
             self.metrics.sessions_expired.inc();
+        }
+    }
+
+    /// Ends every session as if it had expired (their next request is told to handshake).
+    pub fn expire_all(&self) -> usize {
+        let all: Vec<Arc<Session>> = self.sessions.read().values().cloned().collect();
+        for session in &all {
+            self.remove_session(session, CloseReason::Expired);
+        }
+        all.len()
+    }
+
+    /// Ends every session with a server-sent `/meta/disconnect`: a held connect is answered with
+    /// that message and advice to handshake again.
+    pub fn disconnect_all(&self) -> usize {
+        let all: Vec<Arc<Session>> = self.sessions.read().values().cloned().collect();
+        for session in &all {
+            let mut notice = Message::new(meta::DISCONNECT);
+            notice.client_id = Some(session.id().to_owned());
+            notice.successful = Some(true);
+            notice.advice = Some(Advice::handshake());
+            let bytes = Bytes::from(bayeux_protocol::encode_message(&notice));
+            session.state.lock().queue.push_back(bytes);
+            self.remove_session(session, CloseReason::ServerDisconnect);
+        }
+        all.len()
+    }
+
+    /// Fault injection: every connect held now or arriving within `duration` is never
+    /// answered (its request stays open and silent); later connects work again.
+    pub fn stall(&self, duration: Duration) {
+        let now = Instant::now();
+        *self.stall_window.lock() = Some((now, now + duration));
+    }
+
+    /// Did a stall overlap a connect held from `start` to now?
+    pub fn stalled_since(&self, start: Instant) -> bool {
+        match *self.stall_window.lock() {
+            Some((from, until)) => start <= until && Instant::now() >= from,
+            None => false,
         }
     }
 
@@ -1031,6 +1128,10 @@ impl Broker {
             CloseReason::Expired | CloseReason::Overflow => {
                 reply.client_id = None;
                 self.unknown_session(reply, true)
+            }
+            CloseReason::ServerDisconnect => {
+                reply.advice = Some(Advice::handshake());
+                reply
             }
         }
     }

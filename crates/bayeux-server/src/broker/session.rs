@@ -29,6 +29,8 @@ pub enum Enqueued {
     Duplicate,
     /// Held back until a replay subscribe in progress has queued its history.
     Deferred,
+    /// Did not pass the subscription's filter (Salesforce PushTopic `?Field=Value`).
+    Filtered,
 }
 
 /// A message on its way to a session.
@@ -70,6 +72,8 @@ pub(crate) struct State {
     /// `deferred` until it is done.
     pub(crate) replaying: Vec<Arc<str>>,
     pub(crate) deferred: Vec<Delivery>,
+    /// Per concrete channel, `Field=Value` conditions on `data.sobject` (PushTopic filters).
+    pub(crate) filters: HashMap<Arc<str>, Vec<(String, String)>>,
     /// The handshake asked for the replay extension.
     pub(crate) replay_ext: bool,
     /// The handshake asked for the ack extension.
@@ -113,6 +117,7 @@ impl Session {
                 cursors: HashMap::new(),
                 replaying: Vec::new(),
                 deferred: Vec::new(),
+                filters: HashMap::new(),
                 replay_ext: false,
                 ack: None,
             }),
@@ -178,7 +183,7 @@ impl Session {
         match outcome {
             Enqueued::Disconnected => self.close(),
             Enqueued::Ok | Enqueued::DroppedOldest => self.notify.notify_waiters(),
-            Enqueued::Closed | Enqueued::Duplicate | Enqueued::Deferred => {}
+            Enqueued::Closed | Enqueued::Duplicate | Enqueued::Deferred | Enqueued::Filtered => {}
         }
         outcome
     }
@@ -246,6 +251,11 @@ fn enqueue_locked(
             st.deferred.push(delivery);
             return Enqueued::Deferred;
         }
+        if let Some(conditions) = st.filters.get(channel)
+            && !passes(conditions, &delivery.bytes)
+        {
+            return Enqueued::Filtered;
+        }
         match st.cursors.get_mut(channel) {
             Some(cursor) if *replay_id <= *cursor => return Enqueued::Duplicate,
             Some(cursor) => *cursor = *replay_id,
@@ -272,4 +282,19 @@ fn enqueue_locked(
         st.queue.push_back(delivery.bytes);
         Enqueued::Ok
     }
+}
+
+/// Does the delivered message satisfy every `Field=Value` condition on `data.sobject`?
+fn passes(conditions: &[(String, String)], bytes: &[u8]) -> bool {
+    let Ok(message) = serde_json::from_slice::<Value>(bytes) else {
+        return false;
+    };
+    let sobject = &message["data"]["sobject"];
+    conditions
+        .iter()
+        .all(|(field, want)| match &sobject[field.as_str()] {
+            Value::String(s) => s == want,
+            Value::Null => false,
+            other => other.to_string() == *want,
+        })
 }

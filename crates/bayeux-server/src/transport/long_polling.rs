@@ -83,10 +83,72 @@ pub(crate) async fn handle(
     body: Body,
     remote: Option<SocketAddr>,
 ) -> Response {
-    match handle_inner(&broker, &parts, body, remote).await {
+    let mut response = match handle_inner(&broker, &parts, body, remote).await {
         Ok((status, body)) => json_response(status, body),
         Err(e) => e.response(&broker),
+    };
+    if broker.dialect() == bayeux_protocol::Dialect::Salesforce {
+        set_salesforce_cookies(&parts, &mut response);
     }
+    response
+}
+
+/// Salesforce sets `BAYEUX_BROWSER` and `sfdc-stream` on its streaming responses; clients are
+/// expected to keep and return them. Set when the request does not carry them already.
+fn set_salesforce_cookies(parts: &Parts, response: &mut Response) {
+    let sent = parts
+        .headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(";");
+    let mut rng = rand::rng();
+    if !sent.contains("BAYEUX_BROWSER=") {
+        let id: String = (0..16)
+            .map(|_| {
+                let n = rand::Rng::random_range(&mut rng, 0..36u32);
+                char::from_digit(n, 36).unwrap_or('0')
+            })
+            .collect();
+        if let Ok(v) = format!("BAYEUX_BROWSER={id}; Path=/; HttpOnly").parse() {
+            response.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    if !sent.contains("sfdc-stream=") {
+        let id: u128 = rand::Rng::random(&mut rng);
+        if let Ok(v) = format!("sfdc-stream=!{id:032x}; Path=/; SameSite=Lax").parse() {
+            response.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+}
+
+/// Answers every message of a request with `error` (HTTP 400), echoing each message's channel
+/// and id: Salesforce's answer to a bad `/cometd/<version>`.
+pub(crate) async fn reject_all(
+    broker: Arc<Broker>,
+    parts: Parts,
+    body: Body,
+    error: ErrorKind,
+) -> Response {
+    let wire = error.wire(broker.dialect());
+    let messages = match read_body(&broker, &parts, body).await {
+        Ok(bytes) => bayeux_protocol::decode_batch(&bytes).unwrap_or_default(),
+        Err(e) => return e.response(&broker),
+    };
+    let replies: Vec<Message> = if messages.is_empty() {
+        vec![Message::default().failed(wire)]
+    } else {
+        messages
+            .iter()
+            .map(|m| m.reply().failed(wire.clone()))
+            .collect()
+    };
+    broker.metrics().error(error.code(broker.dialect()));
+    json_response(
+        StatusCode::BAD_REQUEST,
+        bayeux_protocol::encode_batch(&replies),
+    )
 }
 
 async fn handle_inner(

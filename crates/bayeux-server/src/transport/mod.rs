@@ -133,10 +133,24 @@ pub(crate) async fn answer_http(
         return (StatusCode::OK, build_body(&replies, &[], None));
     };
     let mut reply = plan.reply;
+    let arrived = tokio::time::Instant::now();
     let end = match plan.hold {
         Some(timeout) => broker.hold_connect(&plan.session, timeout).await,
         None => HoldEnd::Messages,
     };
+    if broker.stalled_since(arrived) && end != HoldEnd::Shutdown {
+        // Fault injection: this connect is never answered. Nothing is taken from the queue,
+        // so the messages wait for whatever connect comes next.
+        crate::broker::stopped(&mut broker.shutdown_signal()).await;
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            build_body(
+                &[],
+                &[],
+                Some(&reply.failed(ErrorKind::ServerBusy.wire(broker.dialect()))),
+            ),
+        );
+    }
     let deliveries = match end {
         HoldEnd::Superseded => {
             // As CometD: the older request fails with HTTP 500, so a client that really has

@@ -9,8 +9,9 @@
 //! The engine stores opaque payloads: the serialized message **without** its replay ID (the
 //! server adds the ID when it builds the delivered bytes, once per message).
 //!
-//! Implementations: [`memory::MemoryEngine`] (history bounded in memory). The conformance suite in
-//! [`conformance`] is what every implementation must pass.
+//! Implementations: [`memory::MemoryEngine`] (history bounded in memory) and
+//! [`disk::DiskEngine`] (durable logs under a data directory, group-committed). The conformance
+//! suite in [`conformance`] is what every implementation must pass.
 #![deny(unreachable_pub)]
 
 use std::collections::BTreeMap;
@@ -22,6 +23,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 pub mod conformance;
+pub mod disk;
 pub mod memory;
 
 /// A replay ID: grows per channel, starting at 1. Zero means "before the first message".

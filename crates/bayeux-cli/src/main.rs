@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use bayeux_server::Server;
 use bayeux_server::config::{DEFAULT_CONFIG_TOML, QueueOverflow, ServerConfig};
+use bayeux_server::config::EngineKind;
 use bayeux_server::salesforce::SalesforceConfig;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -30,6 +31,7 @@ enum Overflow {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum EngineArg {
+    Disk,
     Memory,
 }
 
@@ -45,9 +47,12 @@ struct ServeArgs {
     /// URL path of the Bayeux endpoint [default: /cometd].
     #[arg(long, env = "BAYEUX_PATH")]
     path: Option<String>,
-    /// Storage engine [default: memory].
+    /// Storage engine: disk (durable, under --data-dir) or memory (tests) [default: disk].
     #[arg(long, env = "BAYEUX_ENGINE", value_enum)]
     engine: Option<EngineArg>,
+    /// Where the disk engine keeps its data [default: ./data].
+    #[arg(long, env = "BAYEUX_DATA_DIR")]
+    data_dir: Option<String>,
     /// Connection types offered, comma-separated [default: websocket,long-polling,callback-polling].
     #[arg(long, env = "BAYEUX_TRANSPORTS", value_delimiter = ',')]
     transports: Option<Vec<String>>,
@@ -133,9 +138,12 @@ impl ServeArgs {
         };
         set!(c.bind, self.bind);
         set!(c.path, self.path);
-        if let Some(EngineArg::Memory) = self.engine {
-            c.engine = bayeux_server::config::EngineKind::Memory;
+        match self.engine {
+            Some(EngineArg::Memory) => c.engine = EngineKind::Memory,
+            Some(EngineArg::Disk) => c.engine = EngineKind::Disk,
+            None => {}
         }
+        set!(c.data_dir, self.data_dir);
         set!(c.transports, self.transports);
         let t = &mut c.timeouts;
         set!(t.connect_timeout_ms, self.connect_timeout_ms);

@@ -69,6 +69,8 @@ pub enum ErrorKind {
     MessageTooLarge,
     /// The request matches no transport, e.g. a GET without `message` (HTTP 400).
     UnknownTransport,
+    /// An HTTP method other than GET, POST or a WebSocket upgrade (HTTP 405).
+    MethodNotAllowed,
     /// A JSONP callback name that is too long or has characters outside `[A-Za-z0-9._-]`.
     CallbackInvalid,
     /// A replay ID that is malformed, never issued, or older than retention (the args: the ID
@@ -163,6 +165,7 @@ impl ErrorKind {
             (MessageTooLarge, Cometd) => "413::message_too_large".into(),
             (MessageTooLarge, Salesforce) => "413::Maximum Request Size Exceeded".into(),
             (UnknownTransport, _) => "400::unknown_transport".into(),
+            (MethodNotAllowed, _) => "405::method_not_allowed".into(),
             (CallbackInvalid, _) => "400::callback_invalid".into(),
             (ReplayIdInvalid(id), _) => format!(
                 "400::The replayId {{{id}}} you provided was invalid.  Please provide a valid ID, -2 to replay all events, or -1 to replay only new events."

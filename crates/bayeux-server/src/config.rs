@@ -13,8 +13,10 @@ pub const DEFAULT_CONFIG_TOML: &str = include_str!("../bayeux.toml");
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum EngineKind {
-    /// In this process; nothing survives a restart.
+    /// Durable logs under `data_dir`, group-committed: survives restarts and crashes.
     #[default]
+    Disk,
+    /// In this process; nothing survives a restart (for tests).
     Memory,
 }
 
@@ -39,6 +41,8 @@ pub struct ServerConfig {
     pub path: String,
     /// Storage engine.
     pub engine: EngineKind,
+    /// Where the disk engine keeps its data.
+    pub data_dir: String,
     /// Connection types offered, in order of preference.
     pub transports: Vec<String>,
     /// Timeouts.
@@ -109,7 +113,8 @@ impl Default for ServerConfig {
         ServerConfig {
             bind: "127.0.0.1:8080".into(),
             path: "/cometd".into(),
-            engine: EngineKind::Memory,
+            engine: EngineKind::Disk,
+            data_dir: "./data".into(),
             transports: vec![
                 "websocket".into(),
                 "long-polling".into(),

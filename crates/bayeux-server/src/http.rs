@@ -113,7 +113,7 @@ async fn endpoint(State(broker): State<Arc<Broker>>, request: Request) -> Respon
         _ => {
             let mut r = BodyError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
-                ErrorKind::UnknownTransport,
+                ErrorKind::MethodNotAllowed,
                 "use POST (long-polling), GET (callback-polling) or a websocket upgrade",
             )
             .response(&broker);

@@ -83,6 +83,17 @@ impl ServerBuilder {
                 config::EngineKind::Memory => {
                     Arc::new(MemoryEngine::new(self.config.retention())) as Arc<dyn Engine>
                 }
+                config::EngineKind::Disk => {
+                    let dir = std::path::Path::new(&self.config.data_dir);
+                    let engine = bayeux_engine::disk::DiskEngine::open(dir, self.config.retention())
+                        .map_err(|e| {
+                            std::io::Error::other(format!(
+                                "cannot open the disk engine in {}: {e}",
+                                dir.display()
+                            ))
+                        })?;
+                    Arc::new(engine) as Arc<dyn Engine>
+                }
             },
         };
         let listener = TcpListener::bind(&self.config.bind).await?;

@@ -720,7 +720,7 @@ async fn other_methods_are_http_405() {
             r.headers().get("allow").and_then(|v| v.to_str().ok()),
             Some("GET, POST")
         );
-        assert_body_error(&raw(r).await, 405, "400::unknown_transport");
+        assert_body_error(&raw(r).await, 405, "405::method_not_allowed");
     }
     fx.finish().await;
 }

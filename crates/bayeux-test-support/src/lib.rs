@@ -12,10 +12,11 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-/// A configuration for tests: port 0, short timeouts.
+/// A configuration for tests: port 0, the memory engine, short timeouts.
 pub fn test_config() -> ServerConfig {
     let mut c = ServerConfig {
         bind: "127.0.0.1:0".into(),
+        engine: bayeux_server::config::EngineKind::Memory,
         ..ServerConfig::default()
     };
     c.timeouts.connect_timeout_ms = 2_000;

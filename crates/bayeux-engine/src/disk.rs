@@ -195,6 +195,8 @@ pub struct DiskEngine {
     shared: Arc<Shared>,
     requests: mpsc::Sender<Request>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// Held open with an exclusive lock for the engine's life: one process per directory.
+    _lock: std::fs::File,
 }
 
 impl DiskEngine {
@@ -203,6 +205,18 @@ impl DiskEngine {
     /// count and bytes; age is applied by [`Engine::trim`].
     pub fn open(dir: &Path, retention: Retention) -> Result<DiskEngine, EngineError> {
         std::fs::create_dir_all(dir).map_err(storage)?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("LOCK"))
+            .map_err(storage)?;
+        if let Err(e) = lock.try_lock() {
+            return Err(EngineError::Storage(format!(
+                "{} is in use by another process ({e})",
+                dir.display()
+            )));
+        }
         journal::drop_torn_tail(&dir.join("fjall").join("journals"))?;
         let keyspace = fjall::Config::new(dir.join("fjall"))
             .open()
@@ -248,6 +262,7 @@ impl DiskEngine {
             shared,
             requests,
             writer: Mutex::new(Some(handle)),
+            _lock: lock,
         })
     }
 
@@ -998,6 +1013,19 @@ mod tests {
             Arc::new(engine) as Arc<dyn Engine>
         })
         .await;
+    }
+
+    #[tokio::test]
+    async fn a_directory_is_opened_by_one_engine_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = DiskEngine::open(dir.path(), Retention::default()).unwrap();
+        match DiskEngine::open(dir.path(), Retention::default()) {
+            Err(EngineError::Storage(msg)) => assert!(msg.contains("in use"), "{msg}"),
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("a second engine opened a directory in use"),
+        }
+        drop(first);
+        DiskEngine::open(dir.path(), Retention::default()).expect("reopen after drop");
     }
 
     #[tokio::test]

@@ -308,6 +308,8 @@ pub struct State {
     next_id: u64,
     pending: HashMap<String, Pending>,
     connect_id: Option<String>,
+    /// The connect in flight may be held by the server (it did not ask for `timeout: 0`).
+    connect_held: bool,
     /// Not yet connected since the handshake or a failure: the next connect asks the server to
     /// answer at once (`advice.timeout: 0`).
     unconnected: bool,
@@ -394,6 +396,7 @@ impl State {
             next_id: 0,
             pending: HashMap::new(),
             connect_id: None,
+            connect_held: false,
             unconnected: true,
             sessions: 0,
             fresh_session: false,
@@ -913,6 +916,7 @@ impl State {
         };
         self.outgoing(&mut m);
         self.pending.insert(id.clone(), Pending::Connect);
+        self.connect_held = !held.is_zero();
         self.connect_id = Some(id);
         self.out.push(Action::SendConnect {
             message: m,
@@ -950,7 +954,11 @@ impl State {
         let reconnect = reply.advice.as_ref().and_then(|a| a.reconnect);
         match reply.successful {
             Some(true) => {
-                self.watchdog.on_answer();
+                // Only a held connect that answered proves the session healthy: a server that
+                // answers quick polls but never a held one must still escalate.
+                if std::mem::take(&mut self.connect_held) {
+                    self.watchdog.on_answer();
+                }
                 self.failures = 0;
                 self.auth_failures = 0;
                 self.backoff.reset();

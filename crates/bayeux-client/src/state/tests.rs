@@ -612,6 +612,9 @@ fn stalled_connect_reconnects_then_escalates_to_handshake() {
     let (c, deadline) = connect(&a).unwrap();
     assert_eq!(c.advice.and_then(|a| a.timeout), Some(0));
     assert_eq!(deadline, Duration::from_secs(10));
+    // The quick connect answers; that does not prove the held ones work.
+    let a = h.reply(vec![json!({"channel": "/meta/connect", "id": c.id, "successful": true})]);
+    assert!(matches!(events(&a)[..], [Event::Connected { .. }]));
     let id = h.s.connect_id.clone().unwrap();
     let a = h.input(Input::ConnectStalled { id });
     assert!(events(&a).contains(&Event::Stalled {

@@ -294,6 +294,15 @@ mod tests {
     }
 
     #[test]
+    fn example_salesforce_config_is_valid() {
+        let c = ServerConfig::from_toml(include_str!("../../../examples/salesforce.toml")).unwrap();
+        let sf = c.salesforce.as_ref().unwrap();
+        assert_eq!(sf.users.len(), 2);
+        assert_eq!(sf.channels.len(), 5);
+        assert_eq!(c.effective().timeouts.max_interval_ms, 40_000);
+    }
+
+    #[test]
     fn partial_and_invalid() {
         let c = ServerConfig::from_toml("[limits]\nmax_queue = 5\n").unwrap();
         assert_eq!(c.limits.max_queue, 5);

@@ -59,7 +59,12 @@ async fn post(http: &reqwest::Client, url: &str, body: Value) -> Vec<Value> {
 /// came back empty (the log is read to its end), or 10 s passed.
 async fn replay(url: &str, replay: i64, n: usize) -> Vec<(u64, u64)> {
     let http = reqwest::Client::new();
-    let hs = post(&http, url, json!([{"channel":"/meta/handshake","ext":{"replay":true}}])).await;
+    let hs = post(
+        &http,
+        url,
+        json!([{"channel":"/meta/handshake","ext":{"replay":true}}]),
+    )
+    .await;
     let id = hs[0]["clientId"].as_str().unwrap().to_owned();
     let sub = post(
         &http,
@@ -98,7 +103,12 @@ async fn acknowledged_messages_survive_kill_9() {
     // A publisher acknowledged N messages before the crash.
     const N: u64 = 200;
     for n in 0..N {
-        let ack = post(&http, &server.url, json!([{"channel":"/crash","data":{"n":n}}])).await;
+        let ack = post(
+            &http,
+            &server.url,
+            json!([{"channel":"/crash","data":{"n":n}}]),
+        )
+        .await;
         assert_eq!(ack[0]["successful"], true);
     }
     // Then more publishers race with SIGKILL; whatever they got acknowledged must survive too.
@@ -140,7 +150,12 @@ async fn acknowledged_messages_survive_kill_9() {
     let half = replay(&server.url, (N / 2) as i64, all.len() - (N / 2) as usize).await;
     assert_eq!(half, all[(N / 2) as usize..]);
     // New messages continue the sequence.
-    let ack = post(&http, &server.url, json!([{"channel":"/crash","data":{"n":999_999}}])).await;
+    let ack = post(
+        &http,
+        &server.url,
+        json!([{"channel":"/crash","data":{"n":999_999}}]),
+    )
+    .await;
     assert_eq!(ack[0]["successful"], true);
     let after = replay(&server.url, all.len() as i64, 1).await;
     assert_eq!(after, [(all.len() as u64 + 1, 999_999)]);

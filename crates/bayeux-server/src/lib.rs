@@ -85,13 +85,14 @@ impl ServerBuilder {
                 }
                 config::EngineKind::Disk => {
                     let dir = std::path::Path::new(&self.config.data_dir);
-                    let engine = bayeux_engine::disk::DiskEngine::open(dir, self.config.retention())
-                        .map_err(|e| {
-                            std::io::Error::other(format!(
-                                "cannot open the disk engine in {}: {e}",
-                                dir.display()
-                            ))
-                        })?;
+                    let engine =
+                        bayeux_engine::disk::DiskEngine::open(dir, self.config.retention())
+                            .map_err(|e| {
+                                std::io::Error::other(format!(
+                                    "cannot open the disk engine in {}: {e}",
+                                    dir.display()
+                                ))
+                            })?;
                     Arc::new(engine) as Arc<dyn Engine>
                 }
             },

@@ -366,6 +366,9 @@ impl Client {
     }
 }
 
+/// Settles a [`Client::subscribe`] call.
+type SubscribeWaiter = oneshot::Sender<Result<(), Error>>;
+
 struct Listener {
     pattern: ChannelName,
     channel: String,
@@ -407,7 +410,7 @@ struct Driver {
     ws: Option<WsConn>,
     ws_generation: u64,
     listeners: HashMap<u64, Listener>,
-    subscribe_waiters: HashMap<String, Vec<(u64, oneshot::Sender<Result<(), Error>>)>>,
+    subscribe_waiters: HashMap<String, Vec<(u64, SubscribeWaiter)>>,
     publish_waiters: HashMap<u64, oneshot::Sender<Result<Message, Error>>>,
     next_ticket: u64,
     disconnect_waiters: Vec<oneshot::Sender<()>>,
@@ -655,8 +658,9 @@ impl Driver {
             Incoming::Ws { generation, event } => self.on_ws(generation, event),
             Incoming::Token(result) => {
                 let result = result.and_then(|token| {
-                    HeaderValue::from_str(&token.authorization())
-                        .map_err(|_| AuthError::InvalidResponse("token is not a header value".into()))
+                    HeaderValue::from_str(&token.authorization()).map_err(|_| {
+                        AuthError::InvalidResponse("token is not a header value".into())
+                    })
                 });
                 match result {
                     Ok(mut value) => {
@@ -741,7 +745,9 @@ impl Driver {
         for (id, connect) in expired {
             if connect {
                 // A silent socket is likely half-open: start a new one.
-                self.drop_ws(Failure::Io("WebSocket reset after a stalled connect".into()));
+                self.drop_ws(Failure::Io(
+                    "WebSocket reset after a stalled connect".into(),
+                ));
                 self.input(Input::ConnectStalled { id });
             } else {
                 self.input(Input::SendFailed {
@@ -891,7 +897,9 @@ impl Driver {
             .insert(id, (Instant::now() + deadline, connect));
         let _ = ws
             .tx
-            .send(bayeux_protocol::encode_batch(std::slice::from_ref(&message)));
+            .send(bayeux_protocol::encode_batch(std::slice::from_ref(
+                &message,
+            )));
     }
 
     fn open_ws(&mut self) {

@@ -24,7 +24,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use bayeux_protocol::error::error_code;
-use bayeux_protocol::{Advice, ChannelName, Message, Reconnect, Subscription, connection_type, meta};
+use bayeux_protocol::{
+    Advice, ChannelName, Message, Reconnect, Subscription, connection_type, meta,
+};
 use serde_json::{Map, Value, json};
 use tokio::time::Instant;
 
@@ -743,7 +745,9 @@ impl State {
             (Some(true), Some(client_id)) if !client_id.is_empty() => {
                 self.handshake_succeeded(reply, client_id)
             }
-            (Some(true), _) => self.handshake_failed_transiently("handshake reply without clientId".into(), false),
+            (Some(true), _) => {
+                self.handshake_failed_transiently("handshake reply without clientId".into(), false)
+            }
             (Some(false), _) => {
                 let error = error_of(&reply);
                 let reason = match failure_reason(&reply) {
@@ -760,7 +764,8 @@ impl State {
                     self.handshake_failed_transiently(reason, false);
                 }
             }
-            (None, _) => self.handshake_failed_transiently("handshake reply without `successful`".into(), false),
+            (None, _) => self
+                .handshake_failed_transiently("handshake reply without `successful`".into(), false),
         }
     }
 
@@ -769,7 +774,8 @@ impl State {
         self.sessions += 1;
         self.fresh_session = true;
         self.phase = Phase::Connected;
-        self.server_replay = self.config.replay && reply.ext_get("replay") == Some(&Value::Bool(true));
+        self.server_replay =
+            self.config.replay && reply.ext_get("replay") == Some(&Value::Bool(true));
         let offered = reply.supported_connection_types.clone().unwrap_or_default();
         let wanted = match self.config.transport {
             TransportKind::Auto
@@ -1105,14 +1111,18 @@ impl State {
                     return;
                 }
                 // No connect answered for longer than the server keeps a session: it is gone.
-                let expired = self.advice.max_interval.filter(|m| *m > 0).is_some_and(|m| {
-                    let timeout = self.advice.timeout.unwrap_or(0).max(0) as u64;
-                    let limit = Duration::from_millis(
-                        timeout + self.advice.interval.unwrap_or(0).max(0) as u64 + m as u64,
-                    );
-                    self.last_connected
-                        .is_some_and(|t| now.saturating_duration_since(t) > limit)
-                });
+                let expired = self
+                    .advice
+                    .max_interval
+                    .filter(|m| *m > 0)
+                    .is_some_and(|m| {
+                        let timeout = self.advice.timeout.unwrap_or(0).max(0) as u64;
+                        let limit = Duration::from_millis(
+                            timeout + self.advice.interval.unwrap_or(0).max(0) as u64 + m as u64,
+                        );
+                        self.last_connected
+                            .is_some_and(|t| now.saturating_duration_since(t) > limit)
+                    });
                 let step = if expired {
                     Step::Handshake
                 } else {
@@ -1203,12 +1213,11 @@ impl State {
     }
 
     fn on_disconnect_message(&mut self, m: Message) {
-        let ours = m
-            .id
-            .as_ref()
-            .and_then(id_string)
-            .and_then(|id| self.pending.remove(&id))
-            == Some(Pending::Disconnect);
+        let ours =
+            m.id.as_ref()
+                .and_then(id_string)
+                .and_then(|id| self.pending.remove(&id))
+                == Some(Pending::Disconnect);
         if ours || self.phase == Phase::Disconnecting {
             self.close();
             return;
@@ -1243,7 +1252,8 @@ impl State {
             m.ext_insert("replay", self.replay_map());
         }
         self.outgoing(&mut m);
-        self.pending.insert(id, Pending::Subscribe(channel.to_owned()));
+        self.pending
+            .insert(id, Pending::Subscribe(channel.to_owned()));
         self.out.push(Action::Subscribe(m));
     }
 
@@ -1314,7 +1324,10 @@ impl State {
         }
         let error = error_of(&reply);
         if let Some(invalid) = invalid_replay_id(&error) {
-            let already = self.subs.get(&channel).is_some_and(|s| s.fallback.is_some());
+            let already = self
+                .subs
+                .get(&channel)
+                .is_some_and(|s| s.fallback.is_some());
             if let (Some(fallback), false) = (self.config.replay_fallback.wire(), already) {
                 let invalid = invalid.parse().unwrap_or(position);
                 // The refused position says nothing about which IDs exist now: forget it, so
@@ -1336,7 +1349,8 @@ impl State {
             // Re-subscribed after the connect loop re-handshakes.
             return;
         }
-        if error_code(&error) == Some(401) || failure_reason(&reply).and_then(error_code) == Some(401)
+        if error_code(&error) == Some(401)
+            || failure_reason(&reply).and_then(error_code) == Some(401)
         {
             self.auth_failure(error);
             return;
@@ -1365,7 +1379,8 @@ impl State {
         if self.subs.remove(&channel).is_none() {
             return;
         }
-        self.timers.retain(|_, s| *s != Step::Subscribe(channel.clone()));
+        self.timers
+            .retain(|_, s| *s != Step::Subscribe(channel.clone()));
         let Some(client_id) = self.client_id.clone() else {
             return;
         };

@@ -73,7 +73,10 @@ async fn wait_event(events: &mut Events, pred: impl Fn(&Event) -> bool) -> Vec<E
 }
 
 fn n_of(m: &Message) -> i64 {
-    m.data.as_ref().and_then(|d| d["n"].as_i64()).expect("data.n")
+    m.data
+        .as_ref()
+        .and_then(|d| d["n"].as_i64())
+        .expect("data.n")
 }
 
 async fn publish_n(server: &TestServer, channel: &str, range: std::ops::Range<i64>) {
@@ -151,9 +154,7 @@ async fn two_hundred_messages_in_order_exactly_once_websocket() {
 fn kill(server: &TestServer, client: &Client) -> Arc<Session> {
     let id = client.status().client_id.expect("a session");
     let session = server.broker.session(&id).expect("live session");
-    server
-        .broker
-        .remove_session(&session, CloseReason::Expired);
+    server.broker.remove_session(&session, CloseReason::Expired);
     session
 }
 
@@ -195,7 +196,11 @@ async fn session_killed_server_side(transport: TransportKind) {
         "resumed from the last replay ID seen: {seen:?}"
     );
     let rest: Vec<i64> = take(&mut feed, 50).await.iter().map(n_of).collect();
-    assert_eq!(rest, (50..100).collect::<Vec<_>>(), "nothing lost, nothing twice");
+    assert_eq!(
+        rest,
+        (50..100).collect::<Vec<_>>(),
+        "nothing lost, nothing twice"
+    );
     nothing_more(&mut feed).await;
     let new_id = client.status().client_id.unwrap();
     assert_ne!(old_id, new_id);
@@ -292,7 +297,12 @@ async fn server_side_disconnect_without_provider_gives_up() {
         .broker
         .remove_session(&session, CloseReason::Disconnected);
     wait_event(&mut events, |e| matches!(e, Event::GaveUp { .. })).await;
-    assert!(tokio::time::timeout(WAIT, feed.next()).await.unwrap().is_none());
+    assert!(
+        tokio::time::timeout(WAIT, feed.next())
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert!(client.status().closed);
     assert!(client.publish("/feed", json!(1)).await.is_err());
 }

@@ -229,7 +229,12 @@ impl SalesforceAuth {
 }
 
 /// Signs the Salesforce JWT bearer assertion: RS256 over `{iss, sub, aud, exp: now + 3 min}`.
-pub fn sign_jwt(client_id: &str, username: &str, aud: &str, pem: &[u8]) -> Result<String, AuthError> {
+pub fn sign_jwt(
+    client_id: &str,
+    username: &str,
+    aud: &str,
+    pem: &[u8],
+) -> Result<String, AuthError> {
     let key = jsonwebtoken::EncodingKey::from_rsa_pem(pem)
         .map_err(|e| AuthError::Key(format!("not an RSA private key in PEM: {e}")))?;
     let exp = SystemTime::now()
@@ -329,8 +334,7 @@ mod tests {
             Some("https://acme.my.salesforce.com")
         );
         assert_eq!(t.issued_at.as_deref(), Some("1278448832702"));
-        let refused =
-            br#"{"error":"invalid_grant","error_description":"authentication failure"}"#;
+        let refused = br#"{"error":"invalid_grant","error_description":"authentication failure"}"#;
         match parse_token_response(400, refused) {
             Err(AuthError::Rejected {
                 status: 400,
@@ -385,7 +389,12 @@ mod tests {
     #[test]
     fn bad_pem_is_a_key_error() {
         assert!(matches!(
-            sign_jwt("id", "u", LOGIN_URL, b"-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n"),
+            sign_jwt(
+                "id",
+                "u",
+                LOGIN_URL,
+                b"-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n"
+            ),
             Err(AuthError::Key(_))
         ));
     }

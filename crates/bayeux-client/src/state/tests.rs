@@ -79,7 +79,8 @@ impl Harness {
             "channel": "/meta/subscribe", "id": sub.id, "subscription": channel, "successful": true
         })]);
         assert!(
-            a.iter().any(|x| matches!(x, Action::Subscribed { result: Ok(()), .. })),
+            a.iter()
+                .any(|x| matches!(x, Action::Subscribed { result: Ok(()), .. })),
             "{a:?}"
         );
     }
@@ -214,7 +215,9 @@ fn first_handshake_and_first_connect() {
     assert_eq!(c2.advice, None);
     assert_eq!(deadline, Duration::from_secs(120));
     // A later connect reply without advice keeps the advice in force.
-    let a = h.reply(vec![json!({"channel": "/meta/connect", "id": c2.id, "successful": true})]);
+    let a = h.reply(vec![
+        json!({"channel": "/meta/connect", "id": c2.id, "successful": true}),
+    ]);
     assert_eq!(connect(&a).unwrap().1, Duration::from_secs(120));
     assert!(events(&a).is_empty());
 }
@@ -458,7 +461,10 @@ fn token_endpoint_failures_back_off_up_to_the_cap() {
     let mut delays = Vec::new();
     for _ in 0..6 {
         let a = h.input(Input::Token(Err("invalid_grant".into())));
-        assert!(matches!(events(&a)[..], [Event::AuthFailed { .. }]), "{a:?}");
+        assert!(
+            matches!(events(&a)[..], [Event::AuthFailed { .. }]),
+            "{a:?}"
+        );
         let [(d, token)] = sleeps(&a)[..] else {
             panic!("{a:?}")
         };
@@ -478,7 +484,9 @@ fn server_sent_disconnect_rehandshakes_and_resubscribes() {
     h.connected();
     h.subscribe("/a", -2);
     h.deliver("/a", 3);
-    let a = h.reply(vec![json!({"channel": "/meta/disconnect", "clientId": "c1"})]);
+    let a = h.reply(vec![
+        json!({"channel": "/meta/disconnect", "clientId": "c1"}),
+    ]);
     assert!(events(&a).contains(&Event::ServerDisconnected));
     let hs = handshake(&a).unwrap();
     let a = h.reply(vec![hs_ok(&hs, "c2")]);
@@ -516,7 +524,10 @@ fn invalid_replay_id_falls_back_per_configuration() {
         let a = h.reply(vec![json!({
             "channel": "/meta/subscribe", "id": again.id, "subscription": "/a", "successful": true
         })]);
-        assert!(a.iter().any(|x| matches!(x, Action::Subscribed { result: Ok(()), .. })));
+        assert!(
+            a.iter()
+                .any(|x| matches!(x, Action::Subscribed { result: Ok(()), .. }))
+        );
         // Whatever the server replays now is delivered: the refused position is forgotten.
         assert_eq!(delivered(&h.deliver("/a", 1)), vec![1]);
     }
@@ -535,7 +546,10 @@ fn invalid_replay_id_falls_back_per_configuration() {
         "channel": "/meta/subscribe", "id": sub.id, "successful": false,
         "error": "400::The replayId {9} you provided was invalid.  Please provide a valid ID, -2 to replay all events, or -1 to replay only new events."
     })]);
-    assert!(a.iter().any(|x| matches!(x, Action::Subscribed { result: Err(_), .. })));
+    assert!(
+        a.iter()
+            .any(|x| matches!(x, Action::Subscribed { result: Err(_), .. }))
+    );
     assert!(matches!(events(&a)[..], [Event::SubscriptionFailed { .. }]));
     assert_eq!(h.s.subscriptions().count(), 0);
 }
@@ -613,7 +627,9 @@ fn stalled_connect_reconnects_then_escalates_to_handshake() {
     assert_eq!(c.advice.and_then(|a| a.timeout), Some(0));
     assert_eq!(deadline, Duration::from_secs(10));
     // The quick connect answers; that does not prove the held ones work.
-    let a = h.reply(vec![json!({"channel": "/meta/connect", "id": c.id, "successful": true})]);
+    let a = h.reply(vec![
+        json!({"channel": "/meta/connect", "id": c.id, "successful": true}),
+    ]);
     assert!(matches!(events(&a)[..], [Event::Connected { .. }]));
     let id = h.s.connect_id.clone().unwrap();
     let a = h.input(Input::ConnectStalled { id });
@@ -658,7 +674,9 @@ fn transport_failures_retry_at_once_then_back_off() {
 fn a_reply_without_successful_is_a_failure_not_a_panic() {
     let mut h = Harness::new(config());
     let hs = handshake(&h.input(Input::Start)).unwrap();
-    let a = h.reply(vec![json!({"channel": "/meta/handshake", "id": hs.id, "clientId": "x"})]);
+    let a = h.reply(vec![
+        json!({"channel": "/meta/handshake", "id": hs.id, "clientId": "x"}),
+    ]);
     assert!(matches!(
         events(&a)[..],
         [Event::Reconnecting {
@@ -734,7 +752,9 @@ fn publish_waits_for_the_handshake_and_returns_the_ack() {
     let p = sent(&a).pop().unwrap();
     assert_eq!(p.channel, "/chat");
     assert_eq!(p.client_id.as_deref(), Some("c1"));
-    let a = h.reply(vec![json!({"channel": "/chat", "id": p.id, "successful": true})]);
+    let a = h.reply(vec![
+        json!({"channel": "/chat", "id": p.id, "successful": true}),
+    ]);
     assert!(matches!(
         a[..],
         [Action::Published {
@@ -773,7 +793,10 @@ fn a_delivery_with_an_id_is_not_mistaken_for_an_ack() {
         json!({"channel": "/chat", "id": p.id, "successful": true}),
     ]);
     assert_eq!(delivered(&a), vec![1]);
-    assert!(a.iter().any(|x| matches!(x, Action::Published { result: Ok(_), .. })));
+    assert!(
+        a.iter()
+            .any(|x| matches!(x, Action::Published { result: Ok(_), .. }))
+    );
 }
 
 #[test]
@@ -849,7 +872,9 @@ fn unsubscribe_and_disconnect() {
         "channel": "/meta/connect", "id": id, "successful": true, "advice": {"reconnect": "none"}
     })]);
     assert!(a.is_empty(), "{a:?}");
-    let a = h.reply(vec![json!({"channel": "/meta/disconnect", "id": d.id, "successful": true})]);
+    let a = h.reply(vec![
+        json!({"channel": "/meta/disconnect", "id": d.id, "successful": true}),
+    ]);
     assert_eq!(events(&a), vec![Event::Disconnected]);
     assert!(matches!(a.last(), Some(Action::Close)));
 }

@@ -20,7 +20,11 @@ use crate::state::Failure;
 /// The `ws://` or `wss://` URL of an `http://` or `https://` endpoint.
 pub(crate) fn ws_url(http: &url::Url) -> url::Url {
     let mut url = http.clone();
-    let scheme = if http.scheme() == "https" { "wss" } else { "ws" };
+    let scheme = if http.scheme() == "https" {
+        "wss"
+    } else {
+        "ws"
+    };
     // Only the scheme changes; http(s) → ws(s) is always a valid scheme change.
     let _ = url.set_scheme(scheme);
     url

@@ -149,6 +149,7 @@ pub async fn sessions(engine: Arc<dyn Engine>) {
         subscriptions: vec!["/a/**".into()],
         cursors: [("/a/b".to_owned(), 7)].into_iter().collect(),
         extensions: vec!["ack".into()],
+        epoch: 3,
     };
     engine
         .save_session(&record, Duration::from_secs(60))

@@ -1036,6 +1036,7 @@ mod tests {
             subscriptions: vec!["/a".into()],
             cursors: [("/a".to_owned(), 3)].into_iter().collect(),
             extensions: vec!["replay".into()],
+            epoch: 9,
         };
         {
             let engine = open(dir.path());

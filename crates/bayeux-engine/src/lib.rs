@@ -84,6 +84,11 @@ pub struct SessionRecord {
     pub cursors: BTreeMap<String, ReplayId>,
     /// Extensions negotiated at handshake (for example `ack`, `replay`).
     pub extensions: Vec<String>,
+    /// Grows each time a node saves the record after serving the session. A node whose local
+    /// copy has another epoch knows another node served the client since, and rebuilds its
+    /// copy from this record.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// What a trim removed.

@@ -124,6 +124,12 @@ pub trait Engine: Send + Sync + 'static {
     /// A short name for logs and metrics (`memory`, `disk`, `redis`).
     fn name(&self) -> &'static str;
 
+    /// True when several server nodes share this engine (Redis). The server then keeps
+    /// session records in it so that any node can adopt any client. False by default.
+    fn shared(&self) -> bool {
+        false
+    }
+
     /// Appends `payload` to `channel`'s log and returns it with its new replay ID.
     ///
     /// When this returns `Ok`, the message is as durable as the engine promises (the disk

@@ -304,6 +304,8 @@ pub struct State {
     phase: Phase,
     client_id: Option<String>,
     advice: Advice,
+    /// The advice of the failed reply being handled.
+    reply_advice: Option<Advice>,
     connection_type: &'static str,
     websocket_broken: bool,
     server_replay: bool,
@@ -392,6 +394,7 @@ impl State {
             phase: Phase::Idle,
             client_id: None,
             advice: Advice::default(),
+            reply_advice: None,
             connection_type,
             websocket_broken: false,
             server_replay: false,
@@ -627,8 +630,15 @@ impl State {
         Some(advised.max(backoff))
     }
 
+    /// The interval to wait: the advice of the failed reply at hand when it has one (advice on
+    /// a failure steers that retry only and is not kept), else the advice in force.
     fn advised_interval(&self) -> Duration {
-        Duration::from_millis(self.advice.interval.unwrap_or(0).max(0) as u64)
+        let interval = self
+            .reply_advice
+            .as_ref()
+            .and_then(|a| a.interval)
+            .or(self.advice.interval);
+        Duration::from_millis(interval.unwrap_or(0).max(0) as u64)
     }
 
     fn give_up(&mut self, reason: String) {
@@ -738,9 +748,15 @@ impl State {
             tracing::debug!("ignoring a handshake reply nobody waits for");
             return;
         }
-        if let Some(advice) = &reply.advice {
+        if reply.successful == Some(true)
+            && let Some(advice) = &reply.advice
+        {
             merge_advice(&mut self.advice, advice);
         }
+        self.reply_advice = reply
+            .advice
+            .clone()
+            .filter(|_| reply.successful != Some(true));
         match (reply.successful, reply.client_id.clone()) {
             (Some(true), Some(client_id)) if !client_id.is_empty() => {
                 self.handshake_succeeded(reply, client_id)
@@ -954,9 +970,15 @@ impl State {
         if self.phase != Phase::Connected {
             return;
         }
-        if let Some(advice) = &reply.advice {
+        if reply.successful == Some(true)
+            && let Some(advice) = &reply.advice
+        {
             merge_advice(&mut self.advice, advice);
         }
+        self.reply_advice = reply
+            .advice
+            .clone()
+            .filter(|_| reply.successful != Some(true));
         let reconnect = reply.advice.as_ref().and_then(|a| a.reconnect);
         match reply.successful {
             Some(true) => {
@@ -1089,6 +1111,7 @@ impl State {
     // ----- failures below Bayeux -----
 
     fn on_failed(&mut self, id: &str, failure: Failure, now: Instant) {
+        self.reply_advice = None;
         let Some(pending) = self.pending.remove(id) else {
             return;
         };
@@ -1156,6 +1179,7 @@ impl State {
 
     fn on_messages(&mut self, messages: Vec<Message>, now: Instant) {
         for mut m in messages {
+            self.reply_advice = None;
             let keep = self.extensions.iter_mut().all(|e| e.incoming(&mut m));
             if !keep {
                 continue;

@@ -938,6 +938,27 @@ fn ack_extension_rides_on_connects() {
 }
 
 #[test]
+fn advice_on_a_failure_steers_that_retry_only() {
+    let mut h = Harness::new(config());
+    h.connected();
+    let id = h.connect_id();
+    let a = h.reply(vec![json!({
+        "channel": "/meta/connect", "id": id, "successful": false,
+        "error": "503::Server is too busy.  Please try your request again later.",
+        "advice": {"reconnect": "retry", "interval": 1000}
+    })]);
+    let [(d, token)] = sleeps(&a)[..] else {
+        panic!("{a:?}")
+    };
+    assert_eq!(d, Duration::from_millis(1000));
+    let (c, _) = connect(&h.input(Input::Wake(token))).unwrap();
+    let a = h.reply(vec![
+        json!({"channel": "/meta/connect", "id": c.id, "successful": true}),
+    ]);
+    assert!(connect(&a).is_some(), "interval 0 is still in force: {a:?}");
+}
+
+#[test]
 fn max_interval_expiry_switches_to_handshake() {
     let mut h = Harness::new(config());
     h.connected();

@@ -87,6 +87,7 @@ pub(crate) struct Checkpoints {
     store: Arc<dyn ReplayStore>,
     pending: Mutex<HashMap<String, i64>>,
     notify: Notify,
+    writing: Mutex<()>,
 }
 
 impl Checkpoints {
@@ -97,15 +98,17 @@ impl Checkpoints {
         self.notify.notify_one();
     }
 
-    async fn flush(&self) {
-        let batch = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
-        if batch.is_empty() {
-            return;
-        }
-        let store = self.store.clone();
+    /// Writes what is pending. The batch is taken inside the blocking task, under the write
+    /// lock, so a later flush can never be overtaken by an earlier, staler one (even when the
+    /// awaiting future is cancelled).
+    async fn flush(self: &Arc<Self>) {
+        let this = self.clone();
         let saved = tokio::task::spawn_blocking(move || {
+            let _writing = this.writing.lock().unwrap_or_else(|e| e.into_inner());
+            let batch =
+                std::mem::take(&mut *this.pending.lock().unwrap_or_else(|e| e.into_inner()));
             for (channel, id) in batch {
-                if let Err(e) = store.save(&channel, id) {
+                if let Err(e) = this.store.save(&channel, id) {
                     tracing::error!(%channel, replay_id = id, error = %e, "replay checkpoint not saved");
                 }
             }
@@ -457,6 +460,7 @@ pub(crate) fn start(options: ClientBuilder, url: url::Url) -> Result<Client, Err
         store: options.replay_store.clone(),
         pending: Mutex::new(HashMap::new()),
         notify: Notify::new(),
+        writing: Mutex::new(()),
     });
     let driver = Driver {
         current: state.connection_type(),
@@ -506,8 +510,16 @@ pub(crate) fn start(options: ClientBuilder, url: url::Url) -> Result<Client, Err
 
 impl Driver {
     async fn run(mut self) {
-        self.input(Input::Start);
+        // Checkpoints are written by a task of their own, so a slow disk never holds up the
+        // protocol.
         let checkpoints = self.checkpoints.clone();
+        let flusher = tokio::spawn(async move {
+            loop {
+                checkpoints.notify.notified().await;
+                checkpoints.flush().await;
+            }
+        });
+        self.input(Input::Start);
         while !self.closed {
             let next = self.next_deadline();
             tokio::select! {
@@ -524,9 +536,9 @@ impl Driver {
                 Some(incoming) = self.incoming.recv() => self.on_incoming(incoming),
                 _ = sleep_until(next) => self.on_deadlines(),
                 Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
-                _ = checkpoints.notify.notified() => checkpoints.flush().await,
             }
         }
+        flusher.abort();
         self.shutdown().await;
     }
 
@@ -824,11 +836,14 @@ impl Driver {
                     s.transport = t;
                 });
             }
-            Event::Reconnecting { .. }
-            | Event::Stalled { .. }
-            | Event::ServerDisconnected
-            | Event::GaveUp { .. }
-            | Event::Disconnected => self.status.send_modify(|s| s.connected = false),
+            Event::Reconnecting { .. } | Event::Stalled { .. } | Event::ServerDisconnected => {
+                self.status.send_modify(|s| s.connected = false)
+            }
+            // Closed before the event is seen, so a reader of the event sees a closed status.
+            Event::GaveUp { .. } | Event::Disconnected => self.status.send_modify(|s| {
+                s.connected = false;
+                s.closed = true;
+            }),
             _ => {}
         }
         let _ = self.events.send(event);

@@ -8,6 +8,7 @@
 //! queue of every matching session.
 
 mod session;
+mod shared;
 mod subscriptions;
 
 use std::collections::HashMap;
@@ -123,6 +124,8 @@ pub struct Broker {
     close_reasons: Mutex<HashMap<u64, CloseReason>>,
     stall_window: Mutex<Option<(Instant, Instant)>>,
     next_seq: AtomicU64,
+    /// The engine is shared by several nodes: keep session records for adoption.
+    shared: bool,
     metrics: Arc<Metrics>,
     shutdown_tx: watch::Sender<bool>,
 }
@@ -155,7 +158,9 @@ impl Broker {
         dialect: Dialect,
     ) -> Arc<Self> {
         let (shutdown_tx, _) = watch::channel(false);
+        let shared = engine.shared();
         Arc::new(Broker {
+            shared,
             config,
             dialect,
             engine,
@@ -303,6 +308,25 @@ impl Broker {
         self.store(channel, &message).await
     }
 
+    /// Publishes from the server to some sessions only: the message is stored (it gets a replay
+    /// ID and can be replayed) but delivered, live and in replays, only to sessions whose
+    /// attribute `attribute` (see [`Session::attributes`]) is a string in `values`.
+    pub async fn publish_from_server_to(
+        &self,
+        channel: &ChannelName,
+        data: Value,
+        attribute: &str,
+        values: &[String],
+    ) -> Result<u64, ErrorKind> {
+        if channel.kind() != ChannelKind::Broadcast || channel.is_wildcard() {
+            return Err(ErrorKind::ChannelInvalid);
+        }
+        let mut message = Message::new(channel.as_str());
+        message.data = Some(data);
+        let audience = serde_json::json!({"attribute": attribute, "values": values});
+        self.store_with(channel, &message, Some(audience)).await
+    }
+
     fn error_reply(&self, reply: Message, error: ErrorKind) -> Message {
         reply.failed(error.wire(self.dialect))
     }
@@ -336,6 +360,12 @@ impl Broker {
         let mut out = Processed::default();
         for message in messages {
             self.metrics.messages_in.inc();
+            if self.shared
+                && message.channel != meta::HANDSHAKE
+                && let Some(id) = message.client_id.as_deref()
+            {
+                self.sync_session(id).await;
+            }
             if message.channel == meta::CONNECT {
                 match self.connect(request, &message, alone) {
                     Ok(plan) => {
@@ -349,10 +379,34 @@ impl Broker {
                 continue;
             }
             let reply = match message.channel.as_str() {
-                meta::HANDSHAKE => self.handshake(request, &message),
-                meta::SUBSCRIBE => self.subscribe(request, &message).await,
-                meta::UNSUBSCRIBE => self.unsubscribe(&message),
-                meta::DISCONNECT => self.disconnect(&message),
+                meta::HANDSHAKE => {
+                    let reply = self.handshake(request, &message);
+                    if let Some(session) = reply.client_id.as_deref().and_then(|c| self.session(c))
+                    {
+                        self.save_record(&session).await;
+                    }
+                    reply
+                }
+                meta::SUBSCRIBE => {
+                    let reply = self.subscribe(request, &message).await;
+                    self.save_record_of(&message).await;
+                    reply
+                }
+                meta::UNSUBSCRIBE => {
+                    let reply = self.unsubscribe(&message);
+                    self.save_record_of(&message).await;
+                    reply
+                }
+                meta::DISCONNECT => {
+                    let reply = self.disconnect(&message);
+                    if self.shared
+                        && let Some(id) = message.client_id.as_deref()
+                        && let Err(e) = self.engine.remove_session(id).await
+                    {
+                        tracing::warn!(client_id = id, error = %e, "removing session failed");
+                    }
+                    reply
+                }
                 _ => self.publish(request, &message).await,
             };
             out.replies.push(reply);
@@ -372,6 +426,12 @@ impl Broker {
             }
         }
         out
+    }
+
+    async fn save_record_of(&self, message: &Message) {
+        if let Some(session) = message.client_id.as_deref().and_then(|c| self.session(c)) {
+            self.save_record(&session).await;
+        }
     }
 
     fn server_advice(&self) -> Advice {
@@ -561,6 +621,10 @@ impl Broker {
             return self.unknown_session(reply, false);
         };
         session.touch();
+        if self.dialect == Dialect::Salesforce {
+            // Salesforce names the client in subscribe replies, failures included.
+            reply.client_id = Some(session.id().to_owned());
+        }
         let filtered = match self.parse_filtered_subscription(message) {
             Ok(c) => c,
             Err(e) => return self.error_reply(reply, e),
@@ -626,6 +690,20 @@ impl Broker {
             let mut index = self.index.write();
             for channel in &wanted {
                 index.add(&Arc::from(channel.as_str()), &session);
+            }
+        }
+        if self.shared {
+            // So that another node adopting the session knows where it stood.
+            for channel in &wanted {
+                let live = !starts.iter().any(|(c, _)| c == channel);
+                if live
+                    && !channel.is_wildcard()
+                    && let Ok(bounds) = self.engine.bounds(channel.as_str()).await
+                {
+                    let mut st = session.state.lock();
+                    let cursor = st.cursors.entry(Arc::from(channel.as_str())).or_insert(0);
+                    *cursor = (*cursor).max(bounds.last_issued);
+                }
             }
         }
         for (channel, from) in &starts {
@@ -698,9 +776,9 @@ impl Broker {
         channel: &ChannelName,
         from: ReplayFrom,
     ) -> Result<(), ErrorKind> {
-        let ReplayFrom::After(after) = from else {
+        if from == ReplayFrom::Live {
             return Ok(());
-        };
+        }
         let storage = |e: bayeux_engine::EngineError| {
             tracing::error!(error = %e, "history read failed");
             ErrorKind::StorageFailed
@@ -719,7 +797,13 @@ impl Broker {
         };
         const PAGE: usize = 1024;
         for name in concrete {
-            let mut cursor = after;
+            let mut cursor = match from {
+                ReplayFrom::After(after) => after,
+                _ => match session.state.lock().cursors.get(name.as_str()) {
+                    Some(c) => *c,
+                    None => continue,
+                },
+            };
             loop {
                 let page = self
                     .engine
@@ -727,6 +811,9 @@ impl Broker {
                     .await
                     .map_err(storage)?;
                 for stored in &page {
+                    if !in_audience(session, audience(stored).as_ref()) {
+                        continue;
+                    }
                     let delivery = Delivery {
                         origin: Some((stored.channel.clone(), stored.replay_id)),
                         bytes: delivery_bytes(stored),
@@ -749,6 +836,9 @@ impl Broker {
             return self.unknown_session(reply, false);
         };
         session.touch();
+        if self.dialect == Dialect::Salesforce {
+            reply.client_id = Some(session.id().to_owned());
+        }
         let channels = match self.parse_subscription(message) {
             Ok(c) => c,
             Err(e) => return self.error_reply(reply, e),
@@ -838,13 +928,26 @@ impl Broker {
 
     /// Serializes `message` once (without a replay ID) and appends it to its channel's log.
     async fn store(&self, channel: &ChannelName, message: &Message) -> Result<u64, ErrorKind> {
-        let delivered = Message {
+        self.store_with(channel, message, None).await
+    }
+
+    /// [`Broker::store`], limiting delivery to an audience (see [`AUDIENCE`]).
+    async fn store_with(
+        &self,
+        channel: &ChannelName,
+        message: &Message,
+        audience: Option<Value>,
+    ) -> Result<u64, ErrorKind> {
+        let mut delivered = Message {
             channel: channel.as_str().to_owned(),
             id: message.id.clone(),
             data: message.data.clone(),
             ext: message.ext.clone(),
             ..Message::default()
         };
+        if let Some(audience) = audience {
+            delivered.other.insert(AUDIENCE.into(), audience);
+        }
         let payload = Bytes::from(bayeux_protocol::encode_message(&delivered));
         match self.engine.append(channel.as_str(), payload).await {
             Ok(stored) => {
@@ -869,8 +972,11 @@ impl Broker {
             origin: Some((stored.channel.clone(), stored.replay_id)),
             bytes: delivery_bytes(stored),
         };
+        let audience = audience(stored);
         for session in targets {
-            self.enqueue(&session, delivery.clone(), false);
+            if in_audience(&session, audience.as_ref()) {
+                self.enqueue(&session, delivery.clone(), false);
+            }
         }
     }
 
@@ -1144,6 +1250,9 @@ enum ReplayFrom {
     Live,
     /// Everything retained after this replay ID (`-2` is `After(0)`).
     After(u64),
+    /// For an adopted session: each channel after the session's own cursor (channels without
+    /// one are not replayed).
+    Cursors,
 }
 
 /// Renders a replay map as Salesforce does in its error texts (a Java `Map.toString()`):
@@ -1161,12 +1270,50 @@ fn java_map(map: &Value) -> String {
     }
 }
 
+/// The top-level field of a stored message that limits who receives it: `{"attribute": <session
+/// attribute>, "values": [<strings>]}`. Only the server sets it
+/// ([`Broker::publish_from_server_to`]); it is never delivered.
+const AUDIENCE: &str = "__audience";
+
+/// Who may receive a stored message: `None` for everyone.
+fn audience(stored: &Stored) -> Option<(String, Vec<String>)> {
+    let p = &stored.payload;
+    if !p.windows(AUDIENCE.len()).any(|w| w == AUDIENCE.as_bytes()) {
+        return None;
+    }
+    let message: Map<String, Value> = serde_json::from_slice(p).ok()?;
+    let audience = message.get(AUDIENCE)?;
+    let attribute = audience.get("attribute")?.as_str()?.to_owned();
+    let values = audience
+        .get("values")?
+        .as_array()?
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+    Some((attribute, values))
+}
+
+/// Is `session` in `audience` (`None`: everyone)?
+fn in_audience(session: &Session, audience: Option<&(String, Vec<String>)>) -> bool {
+    let Some((attribute, values)) = audience else {
+        return true;
+    };
+    session
+        .attributes
+        .lock()
+        .get(attribute)
+        .and_then(Value::as_str)
+        .is_some_and(|v| values.iter().any(|x| x == v))
+}
+
 /// The delivered form of a stored message, built once per message and shared by every
 /// subscriber. The replay ID goes into `data.event.replayId` when `data.event` is an object
 /// (the shape of Salesforce events), and into `ext.replay` otherwise.
 pub fn delivery_bytes(stored: &Stored) -> Bytes {
     let p = &stored.payload;
-    let maybe_special = p.windows(5).any(|w| w == b"\"ext\"" || w == b"event");
+    let maybe_special = p
+        .windows(5)
+        .any(|w| w == b"\"ext\"" || w == b"event" || w == b"__aud");
     if !maybe_special && p.len() >= 2 && p.last() == Some(&b'}') {
         // Fast path: splice `"ext":{"replay":N}` before the closing brace.
         let mut out = Vec::with_capacity(p.len() + 32);
@@ -1181,6 +1328,8 @@ pub fn delivery_bytes(stored: &Stored) -> Bytes {
     }
     match serde_json::from_slice::<Map<String, Value>>(p) {
         Ok(mut object) => {
+            // The audience is for the broker only.
+            object.remove(AUDIENCE);
             if let Some(Value::Object(event)) = object
                 .get_mut("data")
                 .and_then(|d| d.as_object_mut())

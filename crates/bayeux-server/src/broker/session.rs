@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -89,6 +89,8 @@ pub struct Session {
     /// Woken when a message is queued or the session closes.
     pub(crate) notify: Notify,
     closed: AtomicBool,
+    /// The epoch of the engine's session record this copy matches (shared engines only).
+    pub(crate) epoch: AtomicU64,
     /// Free-form state for security policies and extensions (for example the principal a
     /// token named at handshake).
     pub attributes: Mutex<Map<String, Value>>,
@@ -123,6 +125,7 @@ impl Session {
             }),
             notify: Notify::new(),
             closed: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
             attributes: Mutex::new(Map::new()),
         }
     }

@@ -164,12 +164,18 @@ pub(crate) async fn answer_http(
         }
         HoldEnd::Closed(reason) => {
             reply = broker.closed_connect_reply(reply, reason);
-            Vec::new()
+            if reason == crate::broker::CloseReason::ServerDisconnect {
+                // The server-sent `/meta/disconnect` waits in the queue.
+                plan.session.drain()
+            } else {
+                Vec::new()
+            }
         }
         HoldEnd::Messages | HoldEnd::Timeout | HoldEnd::Shutdown => {
             broker.take_for_connect(&plan.session, &mut reply)
         }
     };
+    broker.commit_delivery(&plan.session).await;
     (
         StatusCode::OK,
         build_body(&replies, &deliveries, Some(&reply)),

@@ -76,6 +76,13 @@ impl Conn {
         Some(build_body(&[], &deliveries, None))
     }
 
+    /// Records what was delivered in the shared engine (a no-op for a single node).
+    async fn commit(&self) {
+        if let Some(session) = &self.bound {
+            self.broker.commit_delivery(session).await;
+        }
+    }
+
     /// Would [`Conn::flush`] send something now?
     fn can_flush(&self) -> bool {
         self.bound.as_ref().is_some_and(|s| {
@@ -172,6 +179,7 @@ pub(crate) async fn run(
             {
                 break;
             }
+            conn.commit().await;
             continue;
         }
         let deadline = conn.pending.as_ref().map(|p| p.deadline);
@@ -182,6 +190,7 @@ pub(crate) async fn run(
                     if !is_empty_array(&out) && sink.send(text(out)).await.is_err() {
                         break;
                     }
+                    conn.commit().await;
                 }
                 Some(Ok(WsMessage::Binary(_))) => {
                     let e = BodyError::new(
@@ -237,6 +246,7 @@ pub(crate) async fn run(
                 {
                     break;
                 }
+                conn.commit().await;
             }
             _ = async {
                 match deadline {
@@ -255,6 +265,7 @@ pub(crate) async fn run(
                     if sink.send(text(out)).await.is_err() {
                         break;
                     }
+                    conn.commit().await;
                 }
             }
             _ = crate::broker::stopped(&mut stop) => {

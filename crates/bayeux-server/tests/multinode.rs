@@ -1,0 +1,199 @@
+//! Several nodes sharing one engine: any node serves any client. The engine here is the memory
+//! engine marked shared, so two in-process servers behave like two nodes on one Redis (the Redis
+//! engine has its own tests); requests alternate between nodes as behind a round-robin balancer.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bayeux_engine::memory::MemoryEngine;
+use bayeux_engine::{
+    Bounds, Engine, EngineError, FeedReceiver, ReplayId, Retention, SessionRecord, Stored,
+    TrimStats,
+};
+use bayeux_server::Server;
+use bayeux_test_support::{LpClient, TestServer, test_config};
+use bytes::Bytes;
+use serde_json::{Value, json};
+
+/// The memory engine, shared by several brokers in one process.
+struct Shared(MemoryEngine);
+
+#[async_trait]
+impl Engine for Shared {
+    fn name(&self) -> &'static str {
+        "shared-memory"
+    }
+    fn shared(&self) -> bool {
+        true
+    }
+    async fn append(&self, channel: &str, payload: Bytes) -> Result<Stored, EngineError> {
+        self.0.append(channel, payload).await
+    }
+    async fn read(
+        &self,
+        channel: &str,
+        after: ReplayId,
+        limit: usize,
+    ) -> Result<Vec<Stored>, EngineError> {
+        self.0.read(channel, after, limit).await
+    }
+    async fn bounds(&self, channel: &str) -> Result<Bounds, EngineError> {
+        self.0.bounds(channel).await
+    }
+    async fn channels(&self) -> Result<Vec<String>, EngineError> {
+        self.0.channels().await
+    }
+    fn feed(&self) -> FeedReceiver {
+        self.0.feed()
+    }
+    async fn trim(&self, retention: &Retention, now: SystemTime) -> Result<TrimStats, EngineError> {
+        self.0.trim(retention, now).await
+    }
+    async fn save_session(&self, r: &SessionRecord, ttl: Duration) -> Result<(), EngineError> {
+        self.0.save_session(r, ttl).await
+    }
+    async fn load_session(&self, id: &str) -> Result<Option<SessionRecord>, EngineError> {
+        self.0.load_session(id).await
+    }
+    async fn touch_session(&self, id: &str, ttl: Duration) -> Result<(), EngineError> {
+        self.0.touch_session(id, ttl).await
+    }
+    async fn remove_session(&self, id: &str) -> Result<(), EngineError> {
+        self.0.remove_session(id).await
+    }
+}
+
+async fn nodes(n: usize) -> (Vec<TestServer>, Arc<dyn Engine>) {
+    let engine: Arc<dyn Engine> = Arc::new(Shared(MemoryEngine::default()));
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let mut config = test_config();
+        config.timeouts.connect_timeout_ms = 500;
+        out.push(TestServer::start_with(Server::builder(config).engine(engine.clone())).await);
+    }
+    (out, engine)
+}
+
+/// A client whose every request goes to the next node in turn.
+struct RoundRobin {
+    clients: Vec<LpClient>,
+    next: usize,
+}
+
+impl RoundRobin {
+    fn new(nodes: &[TestServer]) -> Self {
+        RoundRobin {
+            clients: nodes.iter().map(|n| n.client()).collect(),
+            next: 0,
+        }
+    }
+
+    async fn send(&mut self, body: Value) -> Vec<Value> {
+        let c = &self.clients[self.next % self.clients.len()];
+        self.next += 1;
+        c.send(body).await
+    }
+}
+
+fn data(replies: &[Value], channel: &str) -> Vec<i64> {
+    replies
+        .iter()
+        .filter(|m| m["channel"] == channel)
+        .map(|m| m["data"].as_i64().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_client_alternating_between_nodes_gets_everything_once_in_order() {
+    let (nodes, _engine) = nodes(2).await;
+    let mut rr = RoundRobin::new(&nodes);
+    let hs = rr
+        .send(json!([{"channel":"/meta/handshake","version":"1.0"}]))
+        .await;
+    let id = hs[0]["clientId"].as_str().unwrap().to_owned();
+    let sub = rr
+        .send(json!([{"channel":"/meta/subscribe","clientId":id,"subscription":"/rr"}]))
+        .await;
+    assert_eq!(sub[0]["successful"], true, "{sub:?}");
+    let connect =
+        json!([{"channel":"/meta/connect","clientId":id,"connectionType":"long-polling"}]);
+    // Publishers on both nodes, interleaved with the subscriber's connects on both nodes.
+    let mut got = Vec::new();
+    let mut published = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while got.len() < 60 && tokio::time::Instant::now() < deadline {
+        for _ in 0..3 {
+            if published < 60 {
+                let node = &nodes[published as usize % 2];
+                let ack = node.client().publish("/rr", json!(published)).await;
+                assert_eq!(ack["successful"], true);
+                published += 1;
+            }
+        }
+        let replies = rr.send(connect.clone()).await;
+        let reply = replies
+            .iter()
+            .find(|m| m["channel"] == "/meta/connect")
+            .unwrap();
+        assert_eq!(reply["successful"], true, "{reply}");
+        got.extend(data(&replies, "/rr"));
+    }
+    assert_eq!(got, (0..60).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_node_that_dies_loses_its_clients_nothing() {
+    let (mut nodes, _engine) = nodes(2).await;
+    let a = nodes.remove(0);
+    let b = nodes.remove(0);
+    let mut client = a.client();
+    client.handshake().await;
+    client.subscribe(json!("/die")).await;
+    client.connect().await;
+    for i in 0..5 {
+        b.client().publish("/die", json!(i)).await;
+    }
+    // Node A delivers the first five, then dies while the next ones are published.
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        got.extend(data(&client.connect().await, "/die"));
+    }
+    a.stop().await;
+    for i in 5..10 {
+        b.client().publish("/die", json!(i)).await;
+    }
+    // The client's next request lands on B, which adopts the session.
+    let mut moved = b.client();
+    moved.client_id = client.client_id.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while got.len() < 10 && tokio::time::Instant::now() < deadline {
+        let replies = moved.connect().await;
+        let reply = replies
+            .iter()
+            .find(|m| m["channel"] == "/meta/connect")
+            .unwrap();
+        assert_eq!(reply["successful"], true, "{reply}");
+        got.extend(data(&replies, "/die"));
+    }
+    assert_eq!(got, (0..10).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_disconnect_on_one_node_ends_the_session_everywhere() {
+    let (nodes, _engine) = nodes(2).await;
+    let mut c = nodes[0].client();
+    c.handshake().await;
+    c.subscribe(json!("/x")).await;
+    let mut other = nodes[1].client();
+    other.client_id = c.client_id.clone();
+    let (reply, _) = other.connect_split().await;
+    assert_eq!(reply["successful"], true, "adopted by node B");
+    let bye = other
+        .send(json!([{"channel":"/meta/disconnect","clientId":c.id()}]))
+        .await;
+    assert_eq!(bye[0]["successful"], true);
+    let (reply, _) = c.connect_split().await;
+    assert_eq!(reply["error"], "402::session_unknown");
+    assert_eq!(nodes[0].broker.session_count(), 0);
+}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs the interop tests: real third-party Bayeux clients (CometD JS, Faye) from npm against
-# `bayeux serve`. Needs Node 20+ and npm; installs the pinned packages locally (no globals).
+# Runs the interop tests: real third-party Bayeux clients (CometD JS with its ack extension,
+# Faye, jsforce) from npm against `bayeux serve` (plain and --salesforce). Needs Node 20+ and
+# npm; installs the pinned packages locally (no globals).
 #
 # Environment:
 #   BAYEUX_BIN          server binary to test (default: ../target/debug/bayeux, built here)

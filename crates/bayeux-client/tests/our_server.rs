@@ -460,3 +460,51 @@ async fn static_token_refused_at_handshake_backs_off_without_hammering() {
     );
     assert!(client.status().closed);
 }
+
+#[tokio::test]
+async fn ack_extension_delivers_in_order_exactly_once() {
+    for transport in [TransportKind::LongPolling, TransportKind::WebSocket] {
+        let server = TestServer::default_config().await;
+        let client = client(&server, transport)
+            .extension(bayeux_client::ext::ack::AckExtension::new())
+            .build()
+            .unwrap();
+        let mut feed = client.subscribe("/acked", Replay::New).await.unwrap();
+        assert!(client.wait_connected(WAIT).await);
+        let id = client.status().client_id.unwrap();
+        assert!(server.broker.session(&id).unwrap().ack_enabled());
+        publish_n(&server, "/acked", 0..50).await;
+        let got: Vec<i64> = take(&mut feed, 50).await.iter().map(n_of).collect();
+        assert_eq!(got, (0..50).collect::<Vec<_>>(), "{transport:?}");
+        nothing_more(&mut feed).await;
+        client.disconnect().await;
+    }
+}
+
+#[tokio::test]
+async fn dropping_the_last_stream_unsubscribes() {
+    let server = TestServer::default_config().await;
+    let client = client(&server, TransportKind::LongPolling).build().unwrap();
+    let a = client.subscribe("/drop/me", Replay::New).await.unwrap();
+    let b = client.subscribe("/drop/me", Replay::New).await.unwrap();
+    assert!(client.wait_connected(WAIT).await);
+    let id = client.status().client_id.unwrap();
+    let session = server.broker.session(&id).unwrap();
+    assert_eq!(session.subscriptions(), vec!["/drop/me".to_owned()]);
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(session.subscriptions().len(), 1, "b still wants it");
+    drop(b);
+    for _ in 0..100 {
+        if session.subscriptions().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(session.subscriptions().is_empty());
+    client.disconnect().await;
+    assert!(
+        server.broker.session(&id).is_none(),
+        "disconnect ends the session"
+    );
+}

@@ -580,10 +580,7 @@ impl Broker {
 
     /// The subscribed channels, each with its `?Field=Value&…` filter (Salesforce PushTopic
     /// only; the plain endpoint rejects `?` as an invalid character).
-    fn parse_filtered_subscription(
-        &self,
-        message: &Message,
-    ) -> Result<Vec<(ChannelName, Vec<(String, String)>)>, ErrorKind> {
+    fn parse_filtered_subscription(&self, message: &Message) -> Result<Filtered, ErrorKind> {
         let Some(subscription) = &message.subscription else {
             return Err(ErrorKind::SubscriptionMissing);
         };
@@ -1242,6 +1239,9 @@ impl Broker {
         }
     }
 }
+
+/// Subscribed channels, each with its PushTopic `Field=Value` conditions.
+type Filtered = Vec<(ChannelName, Vec<(String, String)>)>;
 
 /// Where a subscribe starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

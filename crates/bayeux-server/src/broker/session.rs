@@ -298,6 +298,10 @@ fn passes(conditions: &[(String, String)], bytes: &[u8]) -> bool {
         .all(|(field, want)| match &sobject[field.as_str()] {
             Value::String(s) => s == want,
             Value::Null => false,
-            other => other.to_string() == *want,
+            other => {
+                // Numbers and booleans compare by their JSON text (`Amount=5`).
+                let text = other.to_string();
+                text == *want
+            }
         })
 }

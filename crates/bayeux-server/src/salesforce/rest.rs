@@ -1,5 +1,8 @@
 //! REST publishing (platform events, generic streaming push), emulator-only publishing of
 //! PushTopic and change events, and the `/_emulator/*` fault-injection routes.
+// Handlers return a finished error response on their rare failure paths; boxing it would only
+// make them noisier.
+#![allow(clippy::result_large_err)]
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,7 +14,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use bayeux_protocol::{ChannelName, Message};
+use bayeux_protocol::ChannelName;
 use serde_json::{Map, Value, json};
 
 use super::config::ChannelKind;
@@ -91,17 +94,32 @@ fn schema_id(channel: &str) -> String {
 }
 
 async fn publish(ctx: &Ctx, channel: &str, data: Value) -> Result<u64, Response> {
+    publish_to(ctx, channel, data, None).await
+}
+
+/// Publishes through the durable log; with `users`, only sessions of those users receive it.
+async fn publish_to(
+    ctx: &Ctx,
+    channel: &str,
+    data: Value,
+    users: Option<&[String]>,
+) -> Result<u64, Response> {
     let name = ChannelName::new(channel).map_err(|_| not_found())?;
-    ctx.broker
-        .publish_from_server(&name, data)
-        .await
-        .map_err(|e| {
-            rest_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "SERVER_UNAVAILABLE",
-                &e.wire(bayeux_protocol::Dialect::Salesforce),
-            )
-        })
+    let stored = match users {
+        None => ctx.broker.publish_from_server(&name, data).await,
+        Some(users) => {
+            ctx.broker
+                .publish_from_server_to(&name, data, "sf_user_id", users)
+                .await
+        }
+    };
+    stored.map_err(|e| {
+        rest_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "SERVER_UNAVAILABLE",
+            &e.wire(bayeux_protocol::Dialect::Salesforce),
+        )
+    })
 }
 
 fn parse_object(body: &[u8]) -> Result<Map<String, Value>, Response> {
@@ -173,8 +191,10 @@ fn generic_channel<'a>(ctx: &'a Ctx, id: &str) -> Option<&'a str> {
 }
 
 /// `POST /services/data/vXX.X/sobjects/StreamingChannel/<id>/push`: generic streaming.
-/// Broadcasts (empty `userIds`) go through the durable log (`fanoutCount: -1`); events for named
-/// users go straight to those users' subscribed sessions and are not replayable.
+/// Every event goes through the durable log, so it has a replay ID and can be replayed.
+/// Broadcasts (empty `userIds`) reach every subscriber (`fanoutCount: -1`); events naming users
+/// reach only those users' sessions, live and in replays (`fanoutCount`: their subscribed
+/// sessions now).
 async fn generic_push(
     State(ctx): State<Ctx>,
     Path((_version, id)): Path<(String, String)>,
@@ -230,16 +250,18 @@ async fn generic_push(
             for u in &users {
                 status.insert(u.clone(), Value::Bool(online.contains(u)));
             }
-            let fanout = deliver_to_users(&ctx, &channel, &users, data);
+            let fanout = subscribed_sessions(&ctx, &channel, &users);
+            if let Err(r) = publish_to(&ctx, &channel, data, Some(&users)).await {
+                return r;
+            }
             results.push(json!({"fanoutCount": fanout, "userOnlineStatus": status}));
         }
     }
     json_response(StatusCode::OK, Value::Array(results))
 }
 
-fn deliver_to_users(ctx: &Ctx, channel: &str, users: &[String], data: Value) -> usize {
-    let mut message = Message::new(channel);
-    message.data = Some(data);
+/// How many sessions of `users` are subscribed to `channel`.
+fn subscribed_sessions(ctx: &Ctx, channel: &str, users: &[String]) -> usize {
     let mut count = 0;
     for id in ctx.broker.session_ids() {
         let Some(session) = ctx.broker.session(&id) else {
@@ -253,7 +275,6 @@ fn deliver_to_users(ctx: &Ctx, channel: &str, users: &[String], data: Value) -> 
             .map(str::to_owned);
         let subscribed = session.subscriptions().iter().any(|s| s == channel);
         if subscribed && user.is_some_and(|u| users.contains(&u)) {
-            ctx.broker.deliver(&session, &message);
             count += 1;
         }
     }
@@ -309,13 +330,23 @@ async fn emulator_publish(
                     .trim_end_matches("ChangeEvent")
                     .to_owned()
             });
+            let change_type = q.get("changeType").map(String::as_str).unwrap_or("CREATE");
+            // The record ID travels in the header only, as on Salesforce; an update lists the
+            // fields it changed.
             let mut payload = record.clone();
+            payload.remove("Id");
+            let changed: Vec<&String> = if change_type == "UPDATE" {
+                payload.keys().collect()
+            } else {
+                Vec::new()
+            };
+            let changed = json!(changed);
             payload.insert(
                 "ChangeEventHeader".into(),
                 json!({
                     "entityName": entity,
                     "recordIds": [record.get("Id").cloned().unwrap_or(Value::Null)],
-                    "changeType": q.get("changeType").map(String::as_str).unwrap_or("CREATE"),
+                    "changeType": change_type,
                     "changeOrigin": "com.salesforce.core",
                     "transactionKey": uuid::Uuid::new_v4().to_string(),
                     "sequenceNumber": 1,
@@ -323,7 +354,7 @@ async fn emulator_publish(
                     "commitTimestamp": bayeux_engine::now_ms(),
                     "commitNumber": bayeux_engine::now_ms(),
                     "commitUser": ctx.emulator.config.users.first().map(|u| u.user_id.clone()).unwrap_or_default(),
-                    "changedFields": [],
+                    "changedFields": changed,
                 }),
             );
             json!({"schema": schema_id(name), "payload": payload, "event": {}})

@@ -448,7 +448,11 @@ pub(crate) fn start(options: ClientBuilder, url: url::Url) -> Result<Client, Err
         default_server_timeout: options.server_timeout,
         give_up_after: options.give_up_after,
     };
-    let state = State::new(config, options.extensions);
+    let mut extensions = options.extensions;
+    if options.ack {
+        extensions.insert(0, Box::new(crate::ext::ack::AckExtension::new()));
+    }
+    let state = State::new(config, extensions);
     let (commands_tx, commands) = mpsc::unbounded_channel();
     let (incoming_tx, incoming) = mpsc::unbounded_channel();
     let (events, _) = broadcast::channel(1024);

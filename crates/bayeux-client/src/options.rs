@@ -34,6 +34,7 @@ pub struct ClientBuilder {
     pub(crate) replay_fallback: ReplayFallback,
     pub(crate) resume_default: Replay,
     pub(crate) extensions: Vec<Box<dyn Extension>>,
+    pub(crate) ack: bool,
     pub(crate) max_response_bytes: usize,
     pub(crate) seed: Option<u64>,
 }
@@ -72,6 +73,7 @@ impl ClientBuilder {
             replay_fallback: ReplayFallback::All,
             resume_default: Replay::New,
             extensions: Vec::new(),
+            ack: true,
             max_response_bytes: 16 * 1024 * 1024,
             seed: None,
         }
@@ -321,6 +323,19 @@ impl ClientBuilder {
     /// ```
     pub fn extension(mut self, extension: impl Extension) -> Self {
         self.extensions.push(Box::new(extension));
+        self
+    }
+
+    /// Whether to ask for the CometD acknowledgement extension (default true). Servers that
+    /// support it re-send what a lost connect response carried, so even a response lost to a
+    /// client-side abort costs nothing; servers that do not echo it are unaffected.
+    ///
+    /// ```
+    /// use bayeux_client::Client;
+    /// let b = Client::builder("http://127.0.0.1:8080/cometd").ack(false);
+    /// ```
+    pub fn ack(mut self, enabled: bool) -> Self {
+        self.ack = enabled;
         self
     }
 

@@ -92,7 +92,8 @@ async fn publish_n(server: &TestServer, channel: &str, range: std::ops::Range<i6
 
 async fn subscribe_publish(transport: TransportKind, expected: &str) {
     let server = TestServer::default_config().await;
-    let client = client(&server, transport).build().unwrap();
+    // Plain Bayeux, without the ack extension (the other tests have it, the default).
+    let client = client(&server, transport).ack(false).build().unwrap();
     let mut chat = client.subscribe("/chat/room", Replay::New).await.unwrap();
     assert!(client.wait_connected(WAIT).await);
     assert_eq!(client.status().transport, expected);
@@ -462,13 +463,10 @@ async fn static_token_refused_at_handshake_backs_off_without_hammering() {
 }
 
 #[tokio::test]
-async fn ack_extension_delivers_in_order_exactly_once() {
+async fn ack_extension_is_on_by_default_and_delivers_in_order_exactly_once() {
     for transport in [TransportKind::LongPolling, TransportKind::WebSocket] {
         let server = TestServer::default_config().await;
-        let client = client(&server, transport)
-            .extension(bayeux_client::ext::ack::AckExtension::new())
-            .build()
-            .unwrap();
+        let client = client(&server, transport).build().unwrap();
         let mut feed = client.subscribe("/acked", Replay::New).await.unwrap();
         assert!(client.wait_connected(WAIT).await);
         let id = client.status().client_id.unwrap();
@@ -478,7 +476,17 @@ async fn ack_extension_delivers_in_order_exactly_once() {
         assert_eq!(got, (0..50).collect::<Vec<_>>(), "{transport:?}");
         nothing_more(&mut feed).await;
         client.disconnect().await;
+        let plain = client_without_ack(&server, transport);
+        plain.subscribe("/acked", Replay::New).await.unwrap();
+        assert!(plain.wait_connected(WAIT).await);
+        let id = plain.status().client_id.unwrap();
+        assert!(!server.broker.session(&id).unwrap().ack_enabled());
+        plain.disconnect().await;
     }
+}
+
+fn client_without_ack(server: &TestServer, transport: TransportKind) -> Client {
+    client(server, transport).ack(false).build().unwrap()
 }
 
 #[tokio::test]

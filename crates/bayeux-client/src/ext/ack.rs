@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use super::Extension;
 
-/// The ack extension. Add it with [`ClientBuilder::extension`](crate::ClientBuilder::extension).
+/// The ack extension. Clients use it by default ([`ClientBuilder::ack`](crate::ClientBuilder::ack)).
 #[derive(Debug, Default, Clone)]
 pub struct AckExtension {
     enabled: bool,

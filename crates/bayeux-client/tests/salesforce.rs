@@ -238,16 +238,9 @@ async fn expired_sessions_rehandshake_and_resume() {
 
 #[tokio::test]
 async fn server_sent_disconnect_rehandshakes_and_resumes() {
-    // The emulator documents a `/meta/disconnect` notice in the held connect's response, whose
-    // own reply carries advice `handshake`. Today the notice is dropped (a held connect whose
-    // session closed is answered without the queued messages), so accept either signal: the
-    // client must re-handshake and resume on both.
+    // The notice arrives in the held connect's response, whose own reply says `handshake`.
     survives("disconnect", |seen| {
-        let told = seen.contains(&Event::ServerDisconnected)
-            || seen.iter().any(|e| {
-                matches!(e, Event::Reconnecting { handshake: true, reason, .. } if reason == "advice: handshake")
-            });
-        told && resumed(seen)
+        seen.contains(&Event::ServerDisconnected) && resumed(seen)
     })
     .await;
 }

@@ -3,8 +3,8 @@
 use std::process::ExitCode;
 
 use bayeux_server::Server;
-use bayeux_server::config::{DEFAULT_CONFIG_TOML, QueueOverflow, ServerConfig};
 use bayeux_server::config::EngineKind;
+use bayeux_server::config::{DEFAULT_CONFIG_TOML, QueueOverflow, ServerConfig};
 use bayeux_server::salesforce::SalesforceConfig;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -21,6 +21,8 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Print the commented default configuration file.
     GenerateConfig,
+    /// Load-test any Bayeux server (this one, Faye, CometD); prints one JSON line of results.
+    Bench(Box<bayeux_bench::BenchArgs>),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -238,6 +240,7 @@ fn main() -> ExitCode {
             print!("{DEFAULT_CONFIG_TOML}");
             ExitCode::SUCCESS
         }
+        Command::Bench(args) => bayeux_bench::run_cli(*args),
         Command::Serve(args) => {
             tracing_subscriber::fmt()
                 .with_env_filter(

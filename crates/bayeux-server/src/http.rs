@@ -18,6 +18,9 @@ use tokio::net::TcpListener;
 use crate::broker::Broker;
 use crate::transport::{BodyError, callback_polling, long_polling, websocket};
 
+/// Read and write buffer of each WebSocket connection.
+const WS_BUFFER_BYTES: usize = 4096;
+
 /// The axum router serving `broker` at its configured path, plus `extra` routes (the
 /// Salesforce emulator's).
 pub fn router(broker: Arc<Broker>, extra: Option<Router>) -> Router {
@@ -91,7 +94,11 @@ async fn endpoint(State(broker): State<Arc<Broker>>, request: Request) -> Respon
         };
         let max = broker.config().limits.max_frame_bytes;
         let headers = parts.headers.clone();
+        // Small buffers: tungstenite's default 128 KiB read buffer per connection would make an
+        // idle WebSocket cost ~150 KiB. Larger messages are still read, in several reads.
         return upgrade
+            .read_buffer_size(WS_BUFFER_BYTES)
+            .write_buffer_size(WS_BUFFER_BYTES)
             .max_message_size(max)
             .max_frame_size(max)
             .on_upgrade(move |socket| websocket::run(socket, broker, headers, remote));

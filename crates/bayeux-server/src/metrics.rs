@@ -38,6 +38,10 @@ pub struct Metrics {
     pub messages_out: Counter,
     /// Queue overflows by action.
     pub queue_overflows: Family<ActionLabel, Counter>,
+    /// `queue_overflows{action="drop-oldest"}`, resolved once (the fan-out path counts here).
+    pub overflow_drop_oldest: Counter,
+    /// `queue_overflows{action="disconnect"}`, resolved once.
+    pub overflow_disconnect: Counter,
     /// Error replies by code.
     pub errors: Family<CodeLabel, Counter>,
     /// Sessions removed because no connect came for max_interval.
@@ -58,6 +62,8 @@ impl Metrics {
             published: Counter::default(),
             messages_out: Counter::default(),
             queue_overflows: Family::default(),
+            overflow_drop_oldest: Counter::default(),
+            overflow_disconnect: Counter::default(),
             errors: Family::default(),
             sessions_expired: Counter::default(),
             handshakes: Counter::default(),
@@ -89,6 +95,18 @@ impl Metrics {
             "Messages delivered to clients",
             m.messages_out.clone(),
         );
+        m.overflow_drop_oldest = m
+            .queue_overflows
+            .get_or_create(&ActionLabel {
+                action: "drop-oldest".into(),
+            })
+            .clone();
+        m.overflow_disconnect = m
+            .queue_overflows
+            .get_or_create(&ActionLabel {
+                action: "disconnect".into(),
+            })
+            .clone();
         m.registry.register(
             "queue_overflows",
             "Session queue overflows by action",

@@ -31,7 +31,7 @@ pub use session::{Delivery, Enqueued, Session};
 use subscriptions::SubscriptionIndex;
 
 use crate::config::ServerConfig;
-use crate::metrics::{ActionLabel, Metrics};
+use crate::metrics::Metrics;
 use crate::policy::{Denial, Operation, RequestInfo, SecurityPolicy};
 
 /// A server-side listener on a service channel. It gets the broker, the sending session (if
@@ -272,6 +272,18 @@ impl Broker {
     /// Number of distinct channels and patterns with at least one subscriber.
     pub fn subscribed_patterns(&self) -> usize {
         self.index.read().patterns()
+    }
+
+    /// Benchmarks only: the sessions a message on `channel` would reach.
+    #[doc(hidden)]
+    pub fn bench_matching(&self, channel: &str) -> usize {
+        self.index.read().matching(channel).len()
+    }
+
+    /// Benchmarks only: fans `stored` out now, on the calling thread.
+    #[doc(hidden)]
+    pub fn bench_fan_out(&self, stored: &Stored) {
+        self.fan_out(stored);
     }
 
     /// Registers a listener for messages published to service channels matching `pattern`
@@ -993,20 +1005,10 @@ impl Broker {
         for outcome in outcomes {
             match outcome {
                 Enqueued::DroppedOldest => {
-                    self.metrics
-                        .queue_overflows
-                        .get_or_create(&ActionLabel {
-                            action: "drop-oldest".into(),
-                        })
-                        .inc();
+                    self.metrics.overflow_drop_oldest.inc();
                 }
                 Enqueued::Disconnected => {
-                    self.metrics
-                        .queue_overflows
-                        .get_or_create(&ActionLabel {
-                            action: "disconnect".into(),
-                        })
-                        .inc();
+                    self.metrics.overflow_disconnect.inc();
                     tracing::warn!(client_id = session.id(), "queue overflow: session ended");
                     if let Some(s) = self.session(session.id()) {
                         self.remove_session(&s, CloseReason::Overflow);

@@ -254,7 +254,8 @@ fn enqueue_locked(
             st.deferred.push(delivery);
             return Enqueued::Deferred;
         }
-        if let Some(conditions) = st.filters.get(channel)
+        if !st.filters.is_empty()
+            && let Some(conditions) = st.filters.get(channel)
             && !passes(conditions, &delivery.bytes)
         {
             return Enqueued::Filtered;

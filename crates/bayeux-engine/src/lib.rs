@@ -9,9 +9,10 @@
 //! The engine stores opaque payloads: the serialized message **without** its replay ID (the
 //! server adds the ID when it builds the delivered bytes, once per message).
 //!
-//! Implementations: [`memory::MemoryEngine`] (history bounded in memory) and
-//! [`disk::DiskEngine`] (durable logs under a data directory, group-committed). The conformance
-//! suite in [`conformance`] is what every implementation must pass.
+//! Implementations: [`memory::MemoryEngine`] (history bounded in memory),
+//! [`disk::DiskEngine`] (durable logs under a data directory, group-committed) and, with the
+//! feature `redis`, `redis::RedisEngine` (logs in Redis streams shared by every node of a
+//! cluster). The conformance suite in [`conformance`] is what every implementation must pass.
 #![deny(unreachable_pub)]
 
 use std::collections::BTreeMap;
@@ -25,6 +26,8 @@ use serde::{Deserialize, Serialize};
 pub mod conformance;
 pub mod disk;
 pub mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 /// A replay ID: grows per channel, starting at 1. Zero means "before the first message".
 pub type ReplayId = u64;

@@ -1,6 +1,10 @@
-//! Test helpers: a real bayeux server on port 0 (stopped on drop) and small wire-level clients
-//! for long-polling and WebSocket. Tests talk real HTTP and WebSocket to a real server.
+//! Test helpers: a real bayeux server on port 0 (stopped on drop), small wire-level clients
+//! for long-polling and WebSocket, and a `redis-server` of the test's own ([`RedisServer`]).
+//! Tests talk real HTTP and WebSocket to a real server.
 #![deny(unreachable_pub)]
+
+pub mod redis;
+pub use redis::RedisServer;
 
 use std::time::Duration;
 

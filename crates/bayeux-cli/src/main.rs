@@ -35,6 +35,7 @@ enum Overflow {
 enum EngineArg {
     Disk,
     Memory,
+    Redis,
 }
 
 /// Every flag overrides the config file; every flag can also be set by its BAYEUX_* variable.
@@ -49,12 +50,19 @@ struct ServeArgs {
     /// URL path of the Bayeux endpoint [default: /cometd].
     #[arg(long, env = "BAYEUX_PATH")]
     path: Option<String>,
-    /// Storage engine: disk (durable, under --data-dir) or memory (tests) [default: disk].
+    /// Storage engine: disk (durable, under --data-dir), redis (several nodes share one Redis)
+    /// or memory (tests) [default: disk].
     #[arg(long, env = "BAYEUX_ENGINE", value_enum)]
     engine: Option<EngineArg>,
     /// Where the disk engine keeps its data [default: ./data].
     #[arg(long, env = "BAYEUX_DATA_DIR")]
     data_dir: Option<String>,
+    /// The Redis of --engine redis [default: redis://127.0.0.1:6379/0].
+    #[arg(long, env = "BAYEUX_REDIS_URL")]
+    redis_url: Option<String>,
+    /// Prefix of every Redis key, so several clusters can share one Redis [default: bayeux:].
+    #[arg(long, env = "BAYEUX_REDIS_PREFIX")]
+    redis_prefix: Option<String>,
     /// Connection types offered, comma-separated [default: websocket,long-polling,callback-polling].
     #[arg(long, env = "BAYEUX_TRANSPORTS", value_delimiter = ',')]
     transports: Option<Vec<String>>,
@@ -143,9 +151,12 @@ impl ServeArgs {
         match self.engine {
             Some(EngineArg::Memory) => c.engine = EngineKind::Memory,
             Some(EngineArg::Disk) => c.engine = EngineKind::Disk,
+            Some(EngineArg::Redis) => c.engine = EngineKind::Redis,
             None => {}
         }
         set!(c.data_dir, self.data_dir);
+        set!(c.redis.url, self.redis_url);
+        set!(c.redis.prefix, self.redis_prefix);
         set!(c.transports, self.transports);
         let t = &mut c.timeouts;
         set!(t.connect_timeout_ms, self.connect_timeout_ms);

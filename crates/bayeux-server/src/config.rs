@@ -18,6 +18,8 @@ pub enum EngineKind {
     Disk,
     /// In this process; nothing survives a restart (for tests).
     Memory,
+    /// Shared by several nodes through Redis (`[redis]`): any node serves any client.
+    Redis,
 }
 
 /// What to do when a session's queue is full.
@@ -51,6 +53,8 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// History kept per channel.
     pub retention: RetentionConfig,
+    /// The Redis engine.
+    pub redis: RedisConfig,
     /// The Salesforce emulator; present means on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub salesforce: Option<crate::salesforce::SalesforceConfig>,
@@ -96,6 +100,25 @@ pub struct Limits {
     pub jsonp_callback_max_len: usize,
 }
 
+/// `[redis]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:port/db`.
+    pub url: String,
+    /// Prefix of every key, so several clusters can share one Redis.
+    pub prefix: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379/0".into(),
+            prefix: "bayeux:".into(),
+        }
+    }
+}
+
 /// `[retention]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -123,6 +146,7 @@ impl Default for ServerConfig {
             timeouts: Timeouts::default(),
             limits: Limits::default(),
             retention: RetentionConfig::default(),
+            redis: RedisConfig::default(),
             salesforce: None,
         }
     }

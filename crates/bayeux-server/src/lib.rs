@@ -95,6 +95,27 @@ impl ServerBuilder {
                             })?;
                     Arc::new(engine) as Arc<dyn Engine>
                 }
+                #[cfg(feature = "redis")]
+                config::EngineKind::Redis => {
+                    let options = bayeux_engine::redis::RedisOptions {
+                        prefix: self.config.redis.prefix.clone(),
+                        ..Default::default()
+                    };
+                    let engine = bayeux_engine::redis::RedisEngine::connect(
+                        &self.config.redis.url,
+                        self.config.retention(),
+                        options,
+                    )
+                    .await
+                    .map_err(|e| std::io::Error::other(format!("cannot use Redis: {e}")))?;
+                    Arc::new(engine) as Arc<dyn Engine>
+                }
+                #[cfg(not(feature = "redis"))]
+                config::EngineKind::Redis => {
+                    return Err(std::io::Error::other(
+                        "this build has no Redis engine (the \"redis\" feature is off)",
+                    ));
+                }
             },
         };
         let listener = TcpListener::bind(&self.config.bind).await?;

@@ -623,17 +623,28 @@ impl Broker {
             .collect()
     }
 
-    async fn subscribe(&self, request: &RequestInfo<'_>, message: &Message) -> Message {
+    /// The reply skeleton of a subscribe or unsubscribe, and its session (or the unknown-session
+    /// reply).
+    #[allow(clippy::result_large_err)]
+    fn subscription_request(&self, message: &Message) -> Result<(Message, Arc<Session>), Message> {
         let mut reply = message.reply();
         reply.subscription = message.subscription.clone();
         let Some(session) = message.client_id.as_deref().and_then(|c| self.session(c)) else {
-            return self.unknown_session(reply, false);
+            return Err(self.unknown_session(reply, false));
         };
         session.touch();
         if self.dialect == Dialect::Salesforce {
             // Salesforce names the client in subscribe replies, failures included.
             reply.client_id = Some(session.id().to_owned());
         }
+        Ok((reply, session))
+    }
+
+    async fn subscribe(&self, request: &RequestInfo<'_>, message: &Message) -> Message {
+        let (reply, session) = match self.subscription_request(message) {
+            Ok(r) => r,
+            Err(reply) => return reply,
+        };
         let filtered = match self.parse_filtered_subscription(message) {
             Ok(c) => c,
             Err(e) => return self.error_reply(reply, e),
@@ -839,15 +850,10 @@ impl Broker {
     }
 
     fn unsubscribe(&self, message: &Message) -> Message {
-        let mut reply = message.reply();
-        reply.subscription = message.subscription.clone();
-        let Some(session) = message.client_id.as_deref().and_then(|c| self.session(c)) else {
-            return self.unknown_session(reply, false);
+        let (reply, session) = match self.subscription_request(message) {
+            Ok(r) => r,
+            Err(reply) => return reply,
         };
-        session.touch();
-        if self.dialect == Dialect::Salesforce {
-            reply.client_id = Some(session.id().to_owned());
-        }
         let channels = match self.parse_subscription(message) {
             Ok(c) => c,
             Err(e) => return self.error_reply(reply, e),

@@ -8,6 +8,10 @@ use bayeux_server::config::{DEFAULT_CONFIG_TOML, QueueOverflow, ServerConfig};
 use bayeux_server::salesforce::SalesforceConfig;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod publish;
+mod remote;
+mod subscribe;
+
 #[derive(Parser)]
 #[command(name = "bayeux", version, about = "Bayeux / CometD server and tools")]
 struct Cli {
@@ -23,6 +27,10 @@ enum Command {
     GenerateConfig,
     /// Load-test any Bayeux server (this one, Faye, CometD); prints one JSON line of results.
     Bench(Box<bayeux_bench::BenchArgs>),
+    /// Subscribe to channels of any Bayeux server or Salesforce org; one JSON line per event.
+    Subscribe(Box<subscribe::SubscribeArgs>),
+    /// Publish to a channel (Bayeux, or a Salesforce platform event through REST).
+    Publish(Box<publish::PublishArgs>),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -117,8 +125,8 @@ struct ServeArgs {
     /// History kept per channel: maximum payload bytes [default: 67108864].
     #[arg(long, env = "BAYEUX_RETENTION_MAX_BYTES")]
     retention_max_bytes: Option<u64>,
-    /// Play the Salesforce Streaming API (OAuth, /cometd/<version>, REST publish, faults).
-    /// Without a [salesforce] config section, a demo org is used and printed on stderr.
+    /// Play the Salesforce Streaming API (OAuth, `/cometd/<version>`, REST publish, faults).
+    /// Without a `[salesforce]` config section, a demo org is used and printed on stderr.
     #[arg(long, env = "BAYEUX_SALESFORCE")]
     salesforce: bool,
     /// Salesforce mode: how long access tokens live, seconds [default: 7200].
@@ -252,6 +260,8 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Bench(args) => bayeux_bench::run_cli(*args),
+        Command::Subscribe(args) => subscribe::run(*args),
+        Command::Publish(args) => publish::run(*args),
         Command::Serve(args) => {
             tracing_subscriber::fmt()
                 .with_env_filter(

@@ -155,7 +155,26 @@ pub async fn sessions(engine: Arc<dyn Engine>) {
         .save_session(&record, Duration::from_secs(60))
         .await
         .unwrap();
+    assert_eq!(
+        engine.load_session("abc").await.unwrap(),
+        Some(record.clone())
+    );
+    assert_eq!(engine.load_session("zzz").await.unwrap(), None);
+    // Compare-and-set on the epoch: a stale expectation changes nothing.
+    let mut next = record.clone();
+    next.subscriptions = vec!["/b".into()];
+    next.epoch = 5;
+    let ttl = Duration::from_secs(60);
+    assert!(!engine.replace_session(&next, 4, ttl).await.unwrap());
     assert_eq!(engine.load_session("abc").await.unwrap(), Some(record));
+    assert!(engine.replace_session(&next, 3, ttl).await.unwrap());
+    assert_eq!(
+        engine.load_session("abc").await.unwrap(),
+        Some(next.clone())
+    );
+    let mut absent = next.clone();
+    absent.client_id = "zzz".into();
+    assert!(!engine.replace_session(&absent, 0, ttl).await.unwrap());
     assert_eq!(engine.load_session("zzz").await.unwrap(), None);
     engine
         .touch_session("abc", Duration::from_millis(1))

@@ -169,6 +169,27 @@ pub trait Engine: Send + Sync + 'static {
     /// Loads a session record that has not expired.
     async fn load_session(&self, client_id: &str) -> Result<Option<SessionRecord>, EngineError>;
 
+    /// Compare-and-set: replaces session record `record.client_id` (as
+    /// [`save_session`](Engine::save_session)) only if the stored record exists and has epoch
+    /// `expected`; returns whether it did. Nodes sharing an engine update records with it, so
+    /// that one node's change (a subscribe, say) is never overwritten by another node that read
+    /// the record just before. The default loads, compares and saves: atomic only for an
+    /// engine that one process uses; shared engines override it.
+    async fn replace_session(
+        &self,
+        record: &SessionRecord,
+        expected: u64,
+        ttl: Duration,
+    ) -> Result<bool, EngineError> {
+        match self.load_session(&record.client_id).await? {
+            Some(current) if current.epoch == expected => {
+                self.save_session(record, ttl).await?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     /// Extends a session record's life by `ttl` from now. Unknown ids are ignored.
     async fn touch_session(&self, client_id: &str, ttl: Duration) -> Result<(), EngineError>;
 

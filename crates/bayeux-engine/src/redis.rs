@@ -143,6 +143,19 @@ return {string.format('%d', id), tss}
 
 /// Trims one channel's head. KEYS: meta hash, log stream. ARGV: cutoff ms, max messages, max
 /// bytes, the most entries to drop in this call. Returns `{dropped, bytes dropped, more}`.
+/// Compare-and-set of a session record: KEYS[1] the record; ARGV: the expected epoch, then
+/// client_id, subscriptions, cursors, extensions, epoch, TTL in ms. Returns 1 if replaced, 0 if
+/// the record is gone or has another epoch. Every field is written, so no DEL is needed.
+const REPLACE_SESSION_LUA: &str = r#"
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'client_id', ARGV[2], 'subscriptions', ARGV[3], 'cursors', ARGV[4],
+  'extensions', ARGV[5], 'epoch', ARGV[6])
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+return 1
+"#;
+
 const TRIM_LUA: &str = r#"
 local total = tonumber(redis.call('HGET', KEYS[1], 'bytes')) or 0
 local len = redis.call('XLEN', KEYS[2])
@@ -242,6 +255,7 @@ struct Shared {
     append: Script,
     trim: Script,
     snapshot: Script,
+    replace_session: Script,
     feeds: Mutex<Vec<UnboundedSender<Stored>>>,
     feed_connected: AtomicBool,
     feed_resubscriptions: AtomicU64,
@@ -488,6 +502,7 @@ impl RedisEngine {
             append: Script::new(APPEND_LUA),
             trim: Script::new(TRIM_LUA),
             snapshot: Script::new(SNAPSHOT_LUA),
+            replace_session: Script::new(REPLACE_SESSION_LUA),
             feeds: Mutex::new(Vec::new()),
             feed_connected: AtomicBool::new(false),
             feed_resubscriptions: AtomicU64::new(0),
@@ -746,6 +761,27 @@ impl Engine for RedisEngine {
                 })?,
             },
         }))
+    }
+
+    async fn replace_session(
+        &self,
+        record: &SessionRecord,
+        expected: u64,
+        ttl: Duration,
+    ) -> Result<bool, EngineError> {
+        let s = &self.shared;
+        let mut inv = s.replace_session.prepare_invoke();
+        inv.key(s.keys.session(&record.client_id))
+            .arg(expected)
+            .arg(&record.client_id)
+            .arg(to_json(&record.subscriptions)?)
+            .arg(to_json(&record.cursors)?)
+            .arg(to_json(&record.extensions)?)
+            .arg(record.epoch)
+            .arg(ms(ttl));
+        let mut conn = s.conn.clone();
+        let replaced: i64 = s.op("replace_session", inv.invoke_async(&mut conn)).await?;
+        Ok(replaced == 1)
     }
 
     async fn touch_session(&self, client_id: &str, ttl: Duration) -> Result<(), EngineError> {

@@ -376,7 +376,12 @@ impl Broker {
                 && message.channel != meta::HANDSHAKE
                 && let Some(id) = message.client_id.as_deref()
             {
-                self.sync_session(id).await;
+                // A connect says which batch the client has (ack extension): a node adopting
+                // the session re-sends a batch the client never got.
+                let client_ack = (message.channel == meta::CONNECT)
+                    .then(|| message.ext_get("ack").and_then(Value::as_u64))
+                    .flatten();
+                self.sync_session(id, client_ack).await;
             }
             if message.channel == meta::CONNECT {
                 match self.connect(request, &message, alone) {
@@ -401,12 +406,12 @@ impl Broker {
                 }
                 meta::SUBSCRIBE => {
                     let reply = self.subscribe(request, &message).await;
-                    self.save_record_of(&message).await;
+                    self.save_record_of(&message, &reply, true).await;
                     reply
                 }
                 meta::UNSUBSCRIBE => {
                     let reply = self.unsubscribe(&message);
-                    self.save_record_of(&message).await;
+                    self.save_record_of(&message, &reply, false).await;
                     reply
                 }
                 meta::DISCONNECT => {
@@ -440,10 +445,29 @@ impl Broker {
         out
     }
 
-    async fn save_record_of(&self, message: &Message) {
-        if let Some(session) = message.client_id.as_deref().and_then(|c| self.session(c)) {
-            self.save_record(&session).await;
+    /// After a successful subscribe (`added`) or unsubscribe: the session's shared record.
+    async fn save_record_of(&self, message: &Message, reply: &Message, added: bool) {
+        if !self.shared || reply.successful != Some(true) {
+            return;
         }
+        let Some(session) = message.client_id.as_deref().and_then(|c| self.session(c)) else {
+            return;
+        };
+        let names = message
+            .subscription
+            .as_ref()
+            .map(|s| s.names())
+            .unwrap_or_default();
+        let channels: Vec<String> = {
+            let st = session.state.lock();
+            names
+                .iter()
+                .map(|n| n.split_once('?').map_or(n.as_str(), |(base, _)| base))
+                .filter(|n| st.subscriptions.contains(*n) == added)
+                .map(str::to_owned)
+                .collect()
+        };
+        self.save_subscriptions(&session, &channels, added).await;
     }
 
     fn server_advice(&self) -> Advice {
@@ -555,7 +579,11 @@ impl Broker {
             let confirmed = message.ext_get("ack").and_then(Value::as_u64);
             let unacked = match (&mut st.ack, confirmed) {
                 (Some(ack), Some(n)) => {
+                    // A batch number this copy never issued: another node served the client
+                    // (shared engines). Count on from there, so that our batches are new to it.
+                    ack.batch = ack.batch.max(n);
                     ack.unacked.retain(|(batch, _)| *batch > n);
+                    ack.before.retain(|(batch, _)| *batch > n);
                     !ack.unacked.is_empty()
                 }
                 (Some(ack), None) => !ack.unacked.is_empty(),
@@ -723,6 +751,8 @@ impl Broker {
                     let mut st = session.state.lock();
                     let cursor = st.cursors.entry(Arc::from(channel.as_str())).or_insert(0);
                     *cursor = (*cursor).max(bounds.last_issued);
+                    let start = st.delivered.entry(Arc::from(channel.as_str())).or_insert(0);
+                    *start = (*start).max(bounds.last_issued);
                 }
             }
         }
@@ -818,7 +848,14 @@ impl Broker {
         const PAGE: usize = 1024;
         for name in concrete {
             let mut cursor = match from {
-                ReplayFrom::After(after) => after,
+                ReplayFrom::After(after) => {
+                    // Where another node adopting the session resumes this replay.
+                    let mut st = session.state.lock();
+                    st.delivered
+                        .entry(Arc::from(name.as_str()))
+                        .or_insert(after);
+                    after
+                }
                 _ => match session.state.lock().cursors.get(name.as_str()) {
                     Some(c) => *c,
                     None => continue,
@@ -1207,6 +1244,9 @@ impl Broker {
     /// `ext.ack` set to that batch's number on `reply`.
     pub fn take_for_connect(&self, session: &Session, reply: &mut Message) -> Vec<Bytes> {
         let mut st = session.state.lock();
+        let before =
+            (self.shared && st.ack.is_some() && !st.queue.is_empty()).then(|| st.delivered.clone());
+        st.mark_taken();
         let fresh: Vec<Bytes> = st.queue.drain(..).collect();
         let Some(ack) = st.ack.as_mut() else {
             drop(st);
@@ -1217,6 +1257,9 @@ impl Broker {
             ack.batch += 1;
             let batch = ack.batch;
             ack.unacked.push_back((batch, fresh));
+            if let Some(before) = before {
+                ack.before.push_back((batch, before));
+            }
         }
         reply.ext_insert("ack", Value::from(ack.batch));
         let out: Vec<Bytes> = ack

@@ -50,6 +50,9 @@ pub(crate) struct AckState {
     pub(crate) batch: u64,
     /// Sent, unacknowledged batches, oldest first.
     pub(crate) unacked: VecDeque<(u64, Vec<Bytes>)>,
+    /// For each unacknowledged batch, `State::delivered` as it was before that batch was taken
+    /// (shared engines: the oldest is where the client's confirmed deliveries end).
+    pub(crate) before: VecDeque<(u64, HashMap<Arc<str>, u64>)>,
 }
 
 pub(crate) struct State {
@@ -68,6 +71,11 @@ pub(crate) struct State {
     pub(crate) dropped: u64,
     /// Per concrete channel, the last replay ID queued: a message not newer is a duplicate.
     pub(crate) cursors: HashMap<Arc<str>, u64>,
+    /// Per concrete channel, the replay ID up to which everything has left the queue (taken
+    /// for a response) or needs no delivery (where a subscription started). This, not
+    /// `cursors`, goes into the shared session record: a node adopting the session must
+    /// re-read what was queued here but never sent.
+    pub(crate) delivered: HashMap<Arc<str>, u64>,
     /// Patterns whose replay subscribe is reading history; live messages matching them wait in
     /// `deferred` until it is done.
     pub(crate) replaying: Vec<Arc<str>>,
@@ -117,6 +125,7 @@ impl Session {
                 release_held: None,
                 dropped: 0,
                 cursors: HashMap::new(),
+                delivered: HashMap::new(),
                 replaying: Vec::new(),
                 deferred: Vec::new(),
                 filters: HashMap::new(),
@@ -220,7 +229,9 @@ impl Session {
 
     /// Takes everything queued.
     pub(crate) fn drain(&self) -> Vec<Bytes> {
-        self.state.lock().queue.drain(..).collect()
+        let mut st = self.state.lock();
+        st.mark_taken();
+        st.queue.drain(..).collect()
     }
 
     pub(crate) fn has_queued(&self) -> bool {
@@ -234,6 +245,15 @@ impl Session {
 
     pub(crate) fn touch(&self) {
         self.state.lock().last_seen = Instant::now();
+    }
+}
+
+impl State {
+    /// The whole queue is being taken: everything queued so far is delivered.
+    pub(crate) fn mark_taken(&mut self) {
+        if !self.queue.is_empty() {
+            self.delivered.clone_from(&self.cursors);
+        }
     }
 }
 

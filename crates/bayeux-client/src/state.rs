@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use crate::backoff::{Backoff, BackoffPolicy};
 use crate::events::Event;
 use crate::ext::Extension;
-use crate::ext::replay::{ReplayFallback, invalid_replay_id, replay_id_of};
+use crate::ext::replay::{NEW, ReplayFallback, invalid_replay_id, replay_id_of};
 use crate::watchdog::{StallAction, Watchdog};
 
 /// The transports a client may use, as configured.
@@ -283,7 +283,8 @@ impl Step {
 
 #[derive(Debug, Clone)]
 struct Sub {
-    /// Where the application asked to start.
+    /// Where to start while nothing has been delivered: what the application asked for, or,
+    /// for a live (`-1`) start, the last replay ID the server said the channel had then.
     initial: i64,
     /// Replaces the computed position once (after a refused replay ID).
     fallback: Option<i64>,
@@ -1325,9 +1326,24 @@ impl State {
             return; // unsubscribed meanwhile
         };
         if reply.successful == Some(true) {
+            // The bayeux server names where a live (`-1`) start stands: the last replay ID
+            // issued on the channel. Until an event arrives, a re-subscription starts after it
+            // rather than at `-1`, so events published during an outage are not missed.
+            let live_position = reply
+                .ext_get("replay")
+                .and_then(|r| r.get(&channel))
+                .and_then(Value::as_i64)
+                .filter(|id| *id >= 0);
+            let unseen = !self.seen.contains_key(&channel);
             let Some(sub) = self.subs.get_mut(&channel) else {
                 return;
             };
+            if let Some(id) = live_position
+                && sub.initial == NEW
+                && unseen
+            {
+                sub.initial = id;
+            }
             sub.confirmed = true;
             sub.ever_confirmed = true;
             sub.fallback = None;

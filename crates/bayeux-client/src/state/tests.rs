@@ -975,3 +975,54 @@ fn max_interval_expiry_switches_to_handshake() {
     });
     assert!(handshake(&a).is_some(), "{a:?}");
 }
+
+#[test]
+fn a_live_start_resumes_from_the_position_the_server_named() {
+    let mut h = Harness::new(config());
+    h.connected();
+    for (channel, replay, ext) in [
+        ("/a", -1, json!({"replay": {"/a": 41}})),
+        ("/b", -1, json!({})),
+        ("/c", -2, json!({"replay": {"/c": 9}})),
+        ("/d", -1, json!({"replay": {"/d": "x"}})),
+    ] {
+        let a = h.input(Input::Subscribe {
+            channel: channel.into(),
+            replay,
+        });
+        let sub = subscribes(&a).pop().expect("a subscribe");
+        h.reply(vec![json!({
+            "channel": "/meta/subscribe", "id": sub.id, "subscription": channel,
+            "successful": true, "ext": ext
+        })]);
+    }
+    assert_eq!(h.s.replay_position("/a"), Some(41), "the server's position");
+    assert_eq!(h.s.replay_position("/b"), Some(-1), "no position named");
+    assert_eq!(
+        h.s.replay_position("/c"),
+        Some(-2),
+        "only live starts change"
+    );
+    assert_eq!(h.s.replay_position("/d"), Some(-1), "not a replay ID");
+    // Events published before the subscribe are not mistaken for duplicates.
+    assert_eq!(delivered(&h.deliver("/a", 40)), vec![40]);
+    assert_eq!(
+        h.s.replay_position("/a"),
+        Some(40),
+        "what was delivered wins"
+    );
+    // The session is lost before /b saw anything: the map still says -1 for it, and /a
+    // resumes after what it got.
+    let reply = json!({
+        "channel": "/meta/connect", "id": h.connect_id(), "successful": false,
+        "error": "402::session_unknown", "advice": {"reconnect": "handshake"}
+    });
+    let a = h.reply(vec![reply]);
+    let hs = handshake(&a).expect("handshake");
+    let a = h.reply(vec![hs_ok(&hs, "c2")]);
+    let subs = subscribes(&a);
+    assert_eq!(
+        subs[0].ext_get("replay"),
+        Some(&json!({"/a": 40, "/b": -1, "/c": -2, "/d": -1}))
+    );
+}

@@ -734,6 +734,8 @@ impl Broker {
         if session.is_closed() {
             return self.unknown_session(reply, false);
         }
+        // Read before the session joins the index, so every event it misses is newer.
+        let positions = self.live_positions(message, &wanted, &starts).await;
         {
             let mut index = self.index.write();
             for channel in &wanted {
@@ -770,7 +772,37 @@ impl Broker {
                 return self.error_reply(reply, e);
             }
         }
-        reply.ok()
+        let mut reply = reply.ok();
+        if let Some(positions) = positions {
+            reply.ext_insert("replay", positions);
+        }
+        reply
+    }
+
+    /// Replay extension, Bayeux dialect: for each concrete channel a subscribe with a replay
+    /// map starts live (`-1`), the last replay ID issued on it, answered as
+    /// `ext.replay: {channel: id}`. A client that loses its session before its first event
+    /// resumes from there instead of from `-1`, so the events of the outage are not missed.
+    /// Not in the Salesforce dialect, whose replies the emulator keeps as Salesforce's.
+    async fn live_positions(
+        &self,
+        message: &Message,
+        wanted: &[ChannelName],
+        starts: &[(ChannelName, ReplayFrom)],
+    ) -> Option<Value> {
+        if self.dialect == Dialect::Salesforce || message.ext_get("replay").is_none() {
+            return None;
+        }
+        let mut positions = Map::new();
+        for channel in wanted {
+            if channel.is_wildcard() || starts.iter().any(|(c, _)| c == channel) {
+                continue;
+            }
+            if let Ok(bounds) = self.engine.bounds(channel.as_str()).await {
+                positions.insert(channel.to_string(), Value::from(bounds.last_issued));
+            }
+        }
+        (!positions.is_empty()).then_some(Value::Object(positions))
     }
 
     /// Where a subscribe to `channel` starts, from the replay extension of `message`.

@@ -191,15 +191,8 @@ impl Broker {
             let from = ReplayFrom::Cursors;
             if let Err(e) = self.queue_history(&session, pattern, from).await {
                 tracing::warn!(client_id = session.id(), error = %e, "history after cursors");
+                self.abandon_replay(&session, pattern.as_str());
             }
-            self.record_outcomes(
-                &session,
-                session.finish_replay(
-                    pattern.as_str(),
-                    self.config.limits.max_queue,
-                    self.config.limits.queue_overflow,
-                ),
-            );
         }
         session
     }

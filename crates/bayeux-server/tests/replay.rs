@@ -436,7 +436,7 @@ async fn dropped_deferred_messages_are_read_again_from_the_log() {
     assert_eq!(r[0].successful, Some(true));
     let session = b.session(&id).unwrap();
     let mut got = Vec::new();
-    let mut take = |got: &mut Vec<usize>| {
+    let take = |got: &mut Vec<usize>| {
         let mut reply = bayeux_protocol::Message::default();
         for bytes in b.take_for_connect(&session, &mut reply) {
             let v: Value = serde_json::from_slice(&bytes).unwrap();

@@ -320,3 +320,146 @@ proptest! {
         rt.block_on(seam_case(total, subscribe_after, replay, yield_every));
     }
 }
+
+#[tokio::test]
+async fn a_replay_longer_than_the_queue_loses_nothing() {
+    let mut config = test_config();
+    config.limits.max_queue = 100;
+    config.timeouts.connect_timeout_ms = 300;
+    let server = TestServer::start(config).await;
+    publish_n(&server, "/long", 0..1000).await;
+    let c = replay_client(&server).await;
+    assert_eq!(
+        subscribe_replay(&c, "/long", json!({"/long": -2})).await["successful"],
+        true
+    );
+    // Publishing goes on while the history drains, a page per connect.
+    let publisher = {
+        let p = server.client();
+        tokio::spawn(async move {
+            for i in 1000..1300 {
+                let ack = p.publish("/long", json!({"n": i})).await;
+                assert_eq!(ack["successful"], true);
+            }
+        })
+    };
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while got.len() < 1300 && tokio::time::Instant::now() < deadline {
+        let (reply, deliveries) = c.connect_split().await;
+        assert_eq!(reply["successful"], true, "{reply}");
+        assert!(deliveries.len() <= 100, "a response larger than the queue");
+        got.extend(ns(&deliveries));
+    }
+    publisher.await.unwrap();
+    assert_eq!(got, (0..1300).collect::<Vec<_>>());
+    assert_eq!(
+        server
+            .metric("bayeux_queue_overflows_total{action=\"drop-oldest\"}")
+            .await,
+        Some(0.0),
+        "history must not overflow the queue"
+    );
+}
+
+#[tokio::test]
+async fn live_messages_dropped_while_a_long_replay_drains_are_read_again() {
+    // A queue of 20: the gate's deferred buffer (also 20) overflows while the history drains
+    // and the publisher keeps going; those messages must come from the log instead.
+    let mut config = test_config();
+    config.limits.max_queue = 20;
+    config.timeouts.connect_timeout_ms = 300;
+    let server = TestServer::start(config).await;
+    publish_n(&server, "/flood", 0..500).await;
+    let c = replay_client(&server).await;
+    assert_eq!(
+        subscribe_replay(&c, "/flood", json!({"/flood": -2})).await["successful"],
+        true
+    );
+    let publisher = {
+        let p = server.client();
+        tokio::spawn(async move {
+            for i in 500..1000 {
+                p.publish("/flood", json!({"n": i})).await;
+            }
+        })
+    };
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while got.len() < 1000 && tokio::time::Instant::now() < deadline {
+        let (_, deliveries) = c.connect_split().await;
+        got.extend(ns(&deliveries));
+        // A slow reader, so that live messages pile up behind the gate.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    publisher.await.unwrap();
+    assert_eq!(got, (0..1000).collect::<Vec<_>>());
+}
+
+/// Step by step through the gate's overflow: a replay that has read its channel to the end but
+/// waits for room to release its deferred live messages must read the log again for any live
+/// message it had to drop meanwhile.
+#[tokio::test]
+async fn dropped_deferred_messages_are_read_again_from_the_log() {
+    let mut config = ServerConfig::default();
+    config.limits.max_queue = 20;
+    let b = Broker::new(
+        config,
+        Arc::new(MemoryEngine::default()),
+        Arc::new(AllowAll),
+        Dialect::Cometd,
+    );
+    b.start();
+    let publish = |from: usize, to: usize| {
+        let b = b.clone();
+        async move {
+            for i in from..to {
+                let r = send(&b, json!([{"channel":"/gate","data":i}])).await;
+                assert_eq!(r[0].successful, Some(true));
+            }
+            // Let the fan-out task catch up.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    publish(0, 30).await;
+    let hs = send(
+        &b,
+        json!([{"channel":"/meta/handshake","ext":{"replay":true}}]),
+    )
+    .await;
+    let id = hs[0].client_id.clone().unwrap();
+    let r = send(
+        &b,
+        json!([{"channel":"/meta/subscribe","clientId":id,"subscription":"/gate","ext":{"replay":{"/gate":-2}}}]),
+    )
+    .await;
+    assert_eq!(r[0].successful, Some(true));
+    let session = b.session(&id).unwrap();
+    let mut got = Vec::new();
+    let take = |got: &mut Vec<usize>| {
+        let mut reply = bayeux_protocol::Message::default();
+        for bytes in b.take_for_connect(&session, &mut reply) {
+            let v: Value = serde_json::from_slice(&bytes).unwrap();
+            got.push(v["data"].as_u64().unwrap() as usize);
+        }
+    };
+    // 20 of the 30 are queued; 25 live messages fill the gate's buffer (20) and drop 5.
+    publish(30, 55).await;
+    // Two rounds of drain and refill: the log is read to its end (0..55 queued or delivered)
+    // and the replay waits for room for its 20 deferred messages.
+    for _ in 0..2 {
+        take(&mut got);
+        b.refill(&session).await.unwrap();
+    }
+    assert_eq!(got, (0..40).collect::<Vec<_>>());
+    assert_eq!(session.queued(), 15);
+    // While it waits, more live messages arrive; the gate's buffer is full: they are dropped.
+    publish(55, 65).await;
+    for _ in 0..10 {
+        take(&mut got);
+        b.refill(&session).await.unwrap();
+    }
+    publish(65, 70).await;
+    take(&mut got);
+    assert_eq!(got, (0..70).collect::<Vec<_>>());
+}

@@ -759,16 +759,8 @@ impl Broker {
             }
         }
         for (channel, from) in &starts {
-            let result = self.queue_history(&session, channel, *from).await;
-            self.record_outcomes(
-                &session,
-                session.finish_replay(
-                    channel.as_str(),
-                    self.config.limits.max_queue,
-                    self.config.limits.queue_overflow,
-                ),
-            );
-            if let Err(e) = result {
+            if let Err(e) = self.queue_history(&session, channel, *from).await {
+                self.abandon_replay(&session, channel.as_str());
                 return self.error_reply(reply, e);
             }
         }
@@ -851,7 +843,9 @@ impl Broker {
         }
     }
 
-    /// Queues the retained history of `channel` (a name or a pattern) after `from`.
+    /// Starts replaying the retained history of `channel` (a name or a pattern) after `from`:
+    /// records where each matching channel starts and queues a first page. Live messages for
+    /// the pattern stay gated until [`Broker::refill`] has read every channel to its end.
     async fn queue_history(
         &self,
         session: &Arc<Session>,
@@ -859,63 +853,161 @@ impl Broker {
         from: ReplayFrom,
     ) -> Result<(), ErrorKind> {
         if from == ReplayFrom::Live {
+            session
+                .state
+                .lock()
+                .replaying
+                .retain(|p| &**p != channel.as_str());
             return Ok(());
         }
-        let storage = |e: bayeux_engine::EngineError| {
-            tracing::error!(error = %e, "history read failed");
-            ErrorKind::StorageFailed
-        };
-        // For a pattern: each matching channel in name order, each in replay-ID order.
-        let concrete = if channel.is_wildcard() {
-            self.engine
-                .channels()
-                .await
-                .map_err(storage)?
-                .into_iter()
-                .filter(|c| channel.matches(c))
-                .collect()
-        } else {
-            vec![channel.to_string()]
-        };
-        const PAGE: usize = 1024;
-        for name in concrete {
-            let mut cursor = match from {
-                ReplayFrom::After(after) => {
-                    // Where another node adopting the session resumes this replay.
-                    let mut st = session.state.lock();
-                    st.delivered
-                        .entry(Arc::from(name.as_str()))
-                        .or_insert(after);
-                    after
+        let concrete = self.concrete_channels(channel).await?;
+        {
+            let mut st = session.state.lock();
+            let mut channels = std::collections::VecDeque::new();
+            for name in concrete {
+                match from {
+                    ReplayFrom::After(after) => {
+                        let key: Arc<str> = Arc::from(name.as_str());
+                        let cursor = st.cursors.entry(key.clone()).or_insert(0);
+                        *cursor = (*cursor).max(after);
+                        // Where another node adopting the session resumes this replay.
+                        st.delivered.entry(key).or_insert(after);
+                        channels.push_back(name);
+                    }
+                    // An adopted session resumes each channel after its own cursor.
+                    _ => {
+                        if st.cursors.contains_key(name.as_str()) {
+                            channels.push_back(name);
+                        }
+                    }
                 }
-                _ => match session.state.lock().cursors.get(name.as_str()) {
-                    Some(c) => *c,
-                    None => continue,
-                },
+            }
+            st.backlog.push(session::Backlog {
+                pattern: Arc::from(channel.as_str()),
+                channels,
+            });
+        }
+        self.refill(session).await
+    }
+
+    /// Stops replaying `pattern` (the history could not be read, or the subscription ended):
+    /// its backlog is dropped and its gate opens.
+    fn abandon_replay(&self, session: &Session, pattern: &str) {
+        session
+            .state
+            .lock()
+            .backlog
+            .retain(|b| &*b.pattern != pattern);
+        self.record_outcomes(
+            session,
+            session.finish_replay(
+                pattern,
+                self.config.limits.max_queue,
+                self.config.limits.queue_overflow,
+            ),
+        );
+    }
+
+    /// The channels with a log that `channel` (a name or a pattern) covers, in name order.
+    async fn concrete_channels(&self, channel: &ChannelName) -> Result<Vec<String>, ErrorKind> {
+        if !channel.is_wildcard() {
+            return Ok(vec![channel.to_string()]);
+        }
+        Ok(self
+            .engine
+            .channels()
+            .await
+            .map_err(storage_error)?
+            .into_iter()
+            .filter(|c| channel.matches(c))
+            .collect())
+    }
+
+    /// Moves replayed history into the session's queue, a page at a time, as far as the queue
+    /// has room. Called when a replay starts and whenever a connect drains the queue, so a
+    /// replay of any length flows through a queue of `max_queue` without overflowing. When every
+    /// channel of a replaying pattern has been read to its end (and no live message for it was
+    /// dropped meanwhile), the pattern's gate opens and its deferred live messages follow.
+    pub async fn refill(&self, session: &Arc<Session>) -> Result<(), ErrorKind> {
+        const PAGE: usize = 1024;
+        let max = self.config.limits.max_queue;
+        loop {
+            let (pattern, next, budget) = {
+                let st = session.state.lock();
+                let Some(backlog) = st.backlog.first() else {
+                    return Ok(());
+                };
+                let budget = max.saturating_sub(st.queue.len());
+                let next = backlog.channels.front().map(|c| {
+                    let after = st.cursors.get(c.as_str()).copied().unwrap_or(0);
+                    (c.clone(), after)
+                });
+                (backlog.pattern.clone(), next, budget)
             };
-            loop {
-                let page = self
-                    .engine
-                    .read(&name, cursor, PAGE)
-                    .await
-                    .map_err(storage)?;
-                for stored in &page {
-                    if !in_audience(session, audience(stored).as_ref()) {
+            match next {
+                Some((channel, after)) => {
+                    if budget == 0 {
+                        return Ok(());
+                    }
+                    let want = budget.min(PAGE);
+                    let page = self
+                        .engine
+                        .read(&channel, after, want)
+                        .await
+                        .map_err(storage_error)?;
+                    for stored in &page {
+                        if !in_audience(session, audience(stored).as_ref()) {
+                            // Not for this session; the cursor still moves past it.
+                            let mut st = session.state.lock();
+                            let cursor = st.cursors.entry(stored.channel.clone()).or_insert(0);
+                            *cursor = (*cursor).max(stored.replay_id);
+                            continue;
+                        }
+                        let delivery = Delivery {
+                            origin: Some((stored.channel.clone(), stored.replay_id)),
+                            bytes: delivery_bytes(stored),
+                        };
+                        self.enqueue(session, delivery, true);
+                    }
+                    if page.len() < want {
+                        // This channel is read to its end.
+                        let mut st = session.state.lock();
+                        if let Some(b) = st.backlog.first_mut()
+                            && b.pattern == pattern
+                        {
+                            b.channels.pop_front();
+                        }
+                    }
+                }
+                None => {
+                    let dropped = session.state.lock().deferred_dropped.remove(&pattern);
+                    if dropped {
+                        // Live messages were dropped while the gate was closed: read the
+                        // pattern's channels again, from where the session stands.
+                        let channel =
+                            ChannelName::new(&pattern).map_err(|_| ErrorKind::ChannelInvalid)?;
+                        let concrete = self.concrete_channels(&channel).await?;
+                        let mut st = session.state.lock();
+                        if let Some(b) = st.backlog.first_mut() {
+                            b.channels = concrete.into();
+                        }
                         continue;
                     }
-                    let delivery = Delivery {
-                        origin: Some((stored.channel.clone(), stored.replay_id)),
-                        bytes: delivery_bytes(stored),
-                    };
-                    self.enqueue(session, delivery, true);
-                }
-                match page.last() {
-                    Some(last) if page.len() == PAGE => cursor = last.replay_id,
-                    _ => break,
+                    {
+                        let mut st = session.state.lock();
+                        if st.queue.len() + st.deferred.len() > max {
+                            // Wait for room: the deferred messages must fit.
+                            return Ok(());
+                        }
+                        st.backlog.remove(0);
+                    }
+                    self.record_outcomes(
+                        session,
+                        session.finish_replay(&pattern, max, self.config.limits.queue_overflow),
+                    );
                 }
             }
         }
-        Ok(())
     }
 
     fn unsubscribe(&self, message: &Message) -> Message {
@@ -927,12 +1019,23 @@ impl Broker {
             Ok(c) => c,
             Err(e) => return self.error_reply(reply, e),
         };
-        let mut st = session.state.lock();
-        let mut index = self.index.write();
-        for channel in &channels {
-            if st.subscriptions.remove(channel.as_str()) {
-                index.remove(channel.as_str(), session.seq);
+        let replaying: Vec<String> = {
+            let mut st = session.state.lock();
+            let mut index = self.index.write();
+            for channel in &channels {
+                if st.subscriptions.remove(channel.as_str()) {
+                    index.remove(channel.as_str(), session.seq);
+                }
             }
+            channels
+                .iter()
+                .filter(|c| st.replaying.iter().any(|p| &**p == c.as_str()))
+                .map(|c| c.to_string())
+                .collect()
+        };
+        // A replay still reading history for an unsubscribed pattern stops.
+        for pattern in replaying {
+            self.abandon_replay(&session, &pattern);
         }
         reply.ok()
     }
@@ -1325,6 +1428,11 @@ impl Broker {
 
 /// Subscribed channels, each with its PushTopic `Field=Value` conditions.
 type Filtered = Vec<(ChannelName, Vec<(String, String)>)>;
+
+fn storage_error(e: bayeux_engine::EngineError) -> ErrorKind {
+    tracing::error!(error = %e, "history read failed");
+    ErrorKind::StorageFailed
+}
 
 /// Where a subscribe starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,6 +2,14 @@
 //! bookkeeping for held connects and expiry.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+
+/// History still to be read for a replaying pattern: its concrete channels, each read from the
+/// session's cursor for it, a page at a time as the queue drains.
+#[derive(Debug)]
+pub(crate) struct Backlog {
+    pub(crate) pattern: Arc<str>,
+    pub(crate) channels: VecDeque<String>,
+}
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -80,6 +88,11 @@ pub(crate) struct State {
     /// `deferred` until it is done.
     pub(crate) replaying: Vec<Arc<str>>,
     pub(crate) deferred: Vec<Delivery>,
+    /// Replaying patterns some of whose deferred messages were dropped because `deferred` was
+    /// full; their channels are read again from the log before the replay ends.
+    pub(crate) deferred_dropped: HashSet<Arc<str>>,
+    /// History not yet queued, oldest replay first.
+    pub(crate) backlog: Vec<Backlog>,
     /// Per concrete channel, `Field=Value` conditions on `data.sobject` (PushTopic filters).
     pub(crate) filters: HashMap<Arc<str>, Vec<(String, String)>>,
     /// The handshake asked for the replay extension.
@@ -128,6 +141,8 @@ impl Session {
                 delivered: HashMap::new(),
                 replaying: Vec::new(),
                 deferred: Vec::new(),
+                deferred_dropped: HashSet::new(),
+                backlog: Vec::new(),
                 filters: HashMap::new(),
                 replay_ext: false,
                 ack: None,
@@ -271,7 +286,18 @@ fn enqueue_locked(
                 .iter()
                 .any(|p| bayeux_protocol::channel::matches(p, channel))
         {
-            st.deferred.push(delivery);
+            if st.deferred.len() >= max {
+                // The log has it: the replay reads these channels again before it ends.
+                let gating: Vec<Arc<str>> = st
+                    .replaying
+                    .iter()
+                    .filter(|p| bayeux_protocol::channel::matches(p, channel))
+                    .cloned()
+                    .collect();
+                st.deferred_dropped.extend(gating);
+            } else {
+                st.deferred.push(delivery);
+            }
             return Enqueued::Deferred;
         }
         if !st.filters.is_empty()

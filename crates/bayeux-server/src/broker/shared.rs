@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use bayeux_engine::SessionRecord;
 use bayeux_protocol::ChannelName;
+use tokio::time::Instant;
 
 use super::session::{AckState, State};
 use super::{Broker, CloseReason, ReplayFrom, Session};
@@ -81,7 +82,10 @@ impl Broker {
         let mut record = self.record_of(session);
         record.epoch = Self::next_epoch();
         match self.engine.save_session(&record, self.record_ttl()).await {
-            Ok(()) => session.epoch.store(record.epoch, Ordering::Release),
+            Ok(()) => {
+                session.epoch.store(record.epoch, Ordering::Release);
+                session.state.lock().record_saved = Some(Instant::now());
+            }
             Err(e) => tracing::warn!(client_id = session.id(), error = %e, "saving session failed"),
         }
     }
@@ -90,6 +94,32 @@ impl Broker {
     /// a new epoch, so another node can take over exactly here.
     pub async fn commit_delivery(&self, session: &Session) {
         if !self.shared || session.is_closed() {
+            return;
+        }
+        let (changed, saved) = {
+            let st = session.state.lock();
+            (
+                st.delivered_generation != st.record_generation,
+                st.record_saved,
+            )
+        };
+        if !changed {
+            // Nothing delivered since the record was written (a hold that timed out, say):
+            // leave it as it is, and only keep it alive once it is getting old.
+            let refresh = self.config.timeouts.max_interval();
+            if saved.is_some_and(|t| t.elapsed() < refresh) {
+                return;
+            }
+            match self
+                .engine
+                .touch_session(session.id(), self.record_ttl())
+                .await
+            {
+                Ok(()) => session.state.lock().record_saved = Some(Instant::now()),
+                Err(e) => {
+                    tracing::warn!(client_id = session.id(), error = %e, "touching session failed")
+                }
+            }
             return;
         }
         self.update_record(session, Change::Delivery).await;
@@ -122,6 +152,13 @@ impl Broker {
     ///   this copy stale, so that its next request rebuilds it from the record. Retried a few
     ///   times if yet another node writes in between.
     async fn update_record(&self, session: &Session, change: Change<'_>) {
+        // Taken before the record: a delivery in between is written again next time.
+        let generation = session.state.lock().delivered_generation;
+        let saved = || {
+            let mut st = session.state.lock();
+            st.record_generation = generation;
+            st.record_saved = Some(Instant::now());
+        };
         let mine = self.record_of(session);
         let ttl = self.record_ttl();
         let mut record = mine.clone();
@@ -129,6 +166,7 @@ impl Broker {
         match self.engine.replace_session(&record, mine.epoch, ttl).await {
             Ok(true) => {
                 session.epoch.store(record.epoch, Ordering::Release);
+                saved();
                 return;
             }
             Ok(false) => {}
@@ -173,7 +211,10 @@ impl Broker {
             let expected = stored.epoch;
             stored.epoch = Self::next_epoch();
             match self.engine.replace_session(&stored, expected, ttl).await {
-                Ok(true) => return,
+                Ok(true) => {
+                    saved();
+                    return;
+                }
                 Ok(false) => continue,
                 Err(e) => {
                     tracing::warn!(client_id = session.id(), error = %e, "saving session failed");
@@ -277,6 +318,9 @@ impl Broker {
             }
             st.cursors = cursors.clone();
             st.delivered = cursors.clone();
+            // The copy matches the record now.
+            st.record_generation = st.delivered_generation;
+            st.record_saved = None;
             st.subscriptions = patterns.iter().map(|p| Arc::from(p.as_str())).collect();
             // Live messages wait until the history after the cursors is queued.
             st.replaying = patterns.iter().map(|p| Arc::from(p.as_str())).collect();
@@ -332,14 +376,6 @@ impl Broker {
                 session.epoch.store(0, Ordering::Release);
                 continue;
             }
-            self.record_outcomes(
-                &session,
-                session.finish_replay(
-                    pattern.as_str(),
-                    self.config.limits.max_queue,
-                    self.config.limits.queue_overflow,
-                ),
-            );
         }
         session
     }

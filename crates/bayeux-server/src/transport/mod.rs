@@ -134,6 +134,10 @@ pub(crate) async fn answer_http(
     };
     let mut reply = plan.reply;
     let arrived = tokio::time::Instant::now();
+    // Replayed history waiting for room in the queue comes in now, ahead of any hold.
+    if let Err(e) = broker.refill(&plan.session).await {
+        tracing::warn!(client_id = plan.session.id(), error = %e, "replay refill failed");
+    }
     let end = match plan.hold {
         Some(timeout) => broker.hold_connect(&plan.session, timeout).await,
         None => HoldEnd::Messages,

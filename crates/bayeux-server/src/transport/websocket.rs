@@ -76,10 +76,14 @@ impl Conn {
         Some(build_body(&[], &deliveries, None))
     }
 
-    /// Records what was delivered in the shared engine (a no-op for a single node).
+    /// After a frame went out: record what was delivered (shared engines) and let replayed
+    /// history waiting for room into the queue.
     async fn commit(&self) {
         if let Some(session) = &self.bound {
             self.broker.commit_delivery(session).await;
+            if let Err(e) = self.broker.refill(session).await {
+                tracing::warn!(client_id = session.id(), error = %e, "replay refill failed");
+            }
         }
     }
 

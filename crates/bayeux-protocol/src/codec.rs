@@ -146,6 +146,42 @@ mod tests {
     }
 
     #[test]
+    fn hand_written_decoding_matches_the_derived_rules() {
+        // A known field twice is an error; another field twice keeps the last value.
+        assert!(matches!(
+            decode_batch(br#"{"channel":"/a","channel":"/b"}"#),
+            Err(DecodeError::Json(e)) if e.is_data()
+        ));
+        assert!(matches!(
+            decode_batch(br#"{"channel":"/a","advice":{"timeout":1,"timeout":2}}"#),
+            Err(DecodeError::Json(e)) if e.is_data()
+        ));
+        let m = &decode_batch(br#"{"channel":"/a","x":1,"x":2}"#).unwrap()[0];
+        assert_eq!(m.other.get("x"), Some(&json!(2)));
+        // null: absent for typed fields, present for id, data and ext.
+        let m = &decode_batch(
+            br#"{"channel":"/a","clientId":null,"advice":null,"id":null,"ext":null}"#,
+        )
+        .unwrap()[0];
+        assert_eq!(m.client_id, None);
+        assert_eq!(m.advice, None);
+        assert_eq!(m.id, Some(Value::Null));
+        assert_eq!(m.ext, Some(Value::Null));
+        // Wrong types are data errors; a message must be an object.
+        assert!(matches!(
+            decode_batch(br#"{"channel":"/a","successful":"yes"}"#),
+            Err(DecodeError::Json(e)) if e.is_data()
+        ));
+        assert!(matches!(decode_batch(br#"[["/a"]]"#), Err(DecodeError::Json(e)) if e.is_data()));
+        // Also through serde_json::Value (keys arrive as owned strings).
+        let v = json!({"channel":"/a","advice":{"interval":5,"x-y":true},"z":[1]});
+        let m: Message = serde_json::from_value(v).unwrap();
+        assert_eq!(m.advice.as_ref().unwrap().interval, Some(5));
+        assert_eq!(m.advice.unwrap().other.get("x-y"), Some(&json!(true)));
+        assert_eq!(m.other.get("z"), Some(&json!([1])));
+    }
+
+    #[test]
     fn id_is_echoed_exactly() {
         let m = &decode_batch(br#"[{"channel":"/meta/connect","id":7}]"#).unwrap()[0];
         assert_eq!(m.reply().id, Some(json!(7)));

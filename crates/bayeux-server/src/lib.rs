@@ -1,5 +1,5 @@
 //! A Bayeux 1.0 / CometD server: long-polling, WebSocket and callback-polling transports over
-//! one broker, with a pluggable [`Engine`](bayeux_engine::Engine) and
+//! one broker, with a pluggable [`Engine`] and
 //! [`SecurityPolicy`](policy::SecurityPolicy).
 //!
 //! ```no_run

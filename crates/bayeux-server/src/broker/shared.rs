@@ -9,10 +9,20 @@
 //!   (its queue holds what the other node already delivered), so it is rebuilt the same way;
 //! - no record: the session ended (disconnected or expired everywhere).
 //!
-//! After a connect is answered, the node merges what it delivered into the record (cursors only
-//! move forward; subscriptions are the record's) and saves it with a new epoch.
+//! After a connect that delivered something, the node writes the record with a new epoch by
+//! compare-and-set on the epoch it had ([`Engine::replace_session`]). The cursors it writes are
+//! what left the queue for a response (`State::delivered`), not what is queued. If another node
+//! changed the record meanwhile, the node merges into the stored record instead (cursors only move
+//! forward; its own subscribe or unsubscribe is applied) and leaves its copy stale, so that the
+//! next request rebuilds it: no node ever undoes another's change. With the ack extension the
+//! record also keeps the newest batch sent and where the confirmed deliveries end (cursor keys
+//! `#ack` and `#<channel>`), so that a node adopting the session for a connect that did not
+//! confirm that batch sends it again. A connect that delivered nothing writes nothing.
 //!
-//! Engines that are not shared (memory, disk) skip all of this.
+//! Engines that are not shared (memory, disk) skip all of this. Guarantees and costs:
+//! `docs/scaleout.md`.
+//!
+//! [`Engine::replace_session`]: bayeux_engine::Engine::replace_session
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

@@ -209,10 +209,10 @@ struct Subscriber {
     rehandshakes: Arc<AtomicUsize>,
 }
 
-async fn subscriber(proxy_url: &str, i: usize) -> Subscriber {
+async fn subscriber(proxy_url: &str, i: usize, transport: TransportKind) -> Subscriber {
     let wire = WireCounter::default();
     let client = Client::builder(proxy_url)
-        .transport(TransportKind::LongPolling)
+        .transport(transport)
         .server_timeout(Duration::from_secs(2))
         .network_allowance(Duration::from_secs(3))
         .request_timeout(Duration::from_secs(5))
@@ -273,6 +273,16 @@ async fn subscriber(proxy_url: &str, i: usize) -> Subscriber {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_a_killed_node_and_a_redis_restart_lose_and_repeat_nothing() {
+    scenario(TransportKind::LongPolling).await;
+}
+
+/// The same with WebSocket subscribers: a socket stays on its node until that node dies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_over_websocket() {
+    scenario(TransportKind::WebSocket).await;
+}
+
+async fn scenario(transport: TransportKind) {
     let started = Instant::now();
     let mut redis = RedisServer::start();
     let redis_url = format!("{}0", redis.url());
@@ -293,7 +303,7 @@ async fn three_nodes_a_killed_node_and_a_redis_restart_lose_and_repeat_nothing()
 
     let mut subscribers = Vec::new();
     for i in 0..SUBSCRIBERS {
-        subscribers.push(subscriber(&proxy_url, i).await);
+        subscribers.push(subscriber(&proxy_url, i, transport).await);
     }
     for (i, s) in subscribers.iter().enumerate() {
         assert!(

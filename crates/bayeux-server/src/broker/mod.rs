@@ -1369,7 +1369,13 @@ impl Broker {
         if session.ack_enabled() {
             return Vec::new();
         }
-        let out = session.drain();
+        let out: Vec<Bytes> = {
+            let mut st = session.state.lock();
+            if self.shared {
+                st.mark_taken();
+            }
+            st.queue.drain(..).collect()
+        };
         self.metrics.messages_out.inc_by(out.len() as u64);
         out
     }
@@ -1381,7 +1387,9 @@ impl Broker {
         let mut st = session.state.lock();
         let before =
             (self.shared && st.ack.is_some() && !st.queue.is_empty()).then(|| st.delivered.clone());
-        st.mark_taken();
+        if self.shared {
+            st.mark_taken();
+        }
         let fresh: Vec<Bytes> = st.queue.drain(..).collect();
         let Some(ack) = st.ack.as_mut() else {
             drop(st);

@@ -253,9 +253,7 @@ impl Session {
 
     /// Takes everything queued.
     pub(crate) fn drain(&self) -> Vec<Bytes> {
-        let mut st = self.state.lock();
-        st.mark_taken();
-        st.queue.drain(..).collect()
+        self.state.lock().queue.drain(..).collect()
     }
 
     pub(crate) fn has_queued(&self) -> bool {
@@ -273,7 +271,8 @@ impl Session {
 }
 
 impl State {
-    /// The whole queue is being taken: everything queued so far is delivered.
+    /// The whole queue is being taken: everything queued so far is delivered. Only shared
+    /// engines need this (it copies the cursors).
     pub(crate) fn mark_taken(&mut self) {
         if !self.queue.is_empty() {
             self.delivered.clone_from(&self.cursors);

@@ -9,10 +9,11 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
-use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use bayeux_protocol::ErrorKind;
+use bytes::Bytes;
 use tokio::net::TcpListener;
 
 use crate::broker::Broker;
@@ -63,6 +64,19 @@ fn is_websocket_upgrade(headers: &axum::http::HeaderMap) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
+/// A deep copy of `headers` whose values own their bytes (hyper's parsed values point into the
+/// connection's read buffer).
+fn owned_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let mut copy = HeaderValue::from_maybe_shared(Bytes::copy_from_slice(value.as_bytes()))
+            .unwrap_or_else(|_| HeaderValue::from_static(""));
+        copy.set_sensitive(value.is_sensitive());
+        out.append(name.clone(), copy);
+    }
+    out
+}
+
 async fn endpoint(State(broker): State<Arc<Broker>>, request: Request) -> Response {
     let remote = request
         .extensions()
@@ -93,7 +107,10 @@ async fn endpoint(State(broker): State<Arc<Broker>>, request: Request) -> Respon
             }
         };
         let max = broker.config().limits.max_frame_bytes;
-        let headers = parts.headers.clone();
+        // An owned copy: a clone would share the bytes of hyper's 8 KiB read buffer and keep
+        // it allocated for the life of the socket.
+        let headers = owned_headers(&parts.headers);
+        drop(parts);
         // Small buffers: tungstenite's default 128 KiB read buffer per connection would make an
         // idle WebSocket cost ~150 KiB. Larger messages are still read, in several reads.
         return upgrade
@@ -104,12 +121,14 @@ async fn endpoint(State(broker): State<Arc<Broker>>, request: Request) -> Respon
             .on_upgrade(move |socket| websocket::run(socket, broker, headers, remote));
     }
     if let Some(error) = salesforce_version_error(&broker, parts.uri.path()) {
-        return long_polling::reject_all(broker, parts, body, error).await;
+        return Box::pin(long_polling::reject_all(broker, parts, body, error)).await;
     }
     match parts.method {
         Method::POST => long_polling::handle(broker, parts, body, remote).await,
+        // The rarer transports are boxed so that they do not grow every request's future (a
+        // held long-poll's handler future lives as long as the hold: memory per idle client).
         Method::GET if query_has_message(parts.uri.query()) => {
-            callback_polling::handle(broker, parts, remote).await
+            Box::pin(callback_polling::handle(broker, parts, remote)).await
         }
         Method::GET => BodyError::new(
             StatusCode::BAD_REQUEST,

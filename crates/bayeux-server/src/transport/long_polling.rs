@@ -83,28 +83,46 @@ pub(crate) async fn handle(
     body: Body,
     remote: Option<SocketAddr>,
 ) -> Response {
-    let mut response = match handle_inner(&broker, &parts, body, remote).await {
+    let cookies = (broker.dialect() == bayeux_protocol::Dialect::Salesforce)
+        .then(|| MissingCookies::of(&parts));
+    let mut response = match handle_inner(&broker, parts, body, remote).await {
         Ok((status, body)) => json_response(status, body),
         Err(e) => e.response(&broker),
     };
-    if broker.dialect() == bayeux_protocol::Dialect::Salesforce {
-        set_salesforce_cookies(&parts, &mut response);
+    if let Some(missing) = cookies {
+        set_salesforce_cookies(missing, &mut response);
     }
     response
 }
 
+/// Which of Salesforce's streaming cookies a request did not carry.
+#[derive(Debug, Clone, Copy)]
+struct MissingCookies {
+    browser: bool,
+    stream: bool,
+}
+
+impl MissingCookies {
+    fn of(parts: &Parts) -> Self {
+        let sent = parts
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(";");
+        MissingCookies {
+            browser: !sent.contains("BAYEUX_BROWSER="),
+            stream: !sent.contains("sfdc-stream="),
+        }
+    }
+}
+
 /// Salesforce sets `BAYEUX_BROWSER` and `sfdc-stream` on its streaming responses; clients are
 /// expected to keep and return them. Set when the request does not carry them already.
-fn set_salesforce_cookies(parts: &Parts, response: &mut Response) {
-    let sent = parts
-        .headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect::<Vec<_>>()
-        .join(";");
+fn set_salesforce_cookies(missing: MissingCookies, response: &mut Response) {
     let mut rng = rand::rng();
-    if !sent.contains("BAYEUX_BROWSER=") {
+    if missing.browser {
         let id: String = (0..16)
             .map(|_| {
                 let n = rand::Rng::random_range(&mut rng, 0..36u32);
@@ -115,7 +133,7 @@ fn set_salesforce_cookies(parts: &Parts, response: &mut Response) {
             response.headers_mut().append(header::SET_COOKIE, v);
         }
     }
-    if !sent.contains("sfdc-stream=") {
+    if missing.stream {
         let id: u128 = rand::Rng::random(&mut rng);
         if let Ok(v) = format!("sfdc-stream=!{id:032x}; Path=/; SameSite=Lax").parse() {
             response.headers_mut().append(header::SET_COOKIE, v);
@@ -153,7 +171,7 @@ pub(crate) async fn reject_all(
 
 async fn handle_inner(
     broker: &Arc<Broker>,
-    parts: &Parts,
+    parts: Parts,
     body: Body,
     remote: Option<SocketAddr>,
 ) -> Result<(StatusCode, Vec<u8>), BodyError> {
@@ -164,7 +182,7 @@ async fn handle_inner(
             "the long-polling transport is disabled",
         ));
     }
-    let body = read_body(broker, parts, body).await?;
+    let body = read_body(broker, &parts, body).await?;
     let form = parts
         .headers
         .get(header::CONTENT_TYPE)
@@ -175,11 +193,16 @@ async fn handle_inner(
     } else {
         decode(broker, &body)?
     };
+    drop(body);
     let info = RequestInfo {
         headers: &parts.headers,
         remote,
         connection_type: connection_type::LONG_POLLING,
     };
-    let processed = broker.process(&info, messages).await;
+    // Boxed: processing needs a large future, but only until the connect is held; the handler
+    // future that waits for messages stays small (memory per idle client).
+    let processed = Box::pin(broker.process(&info, messages)).await;
+    // The request's header values share hyper's read buffer: let it go before the hold.
+    drop(parts);
     Ok(answer_http(broker, processed).await)
 }

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use bayeux_protocol::{DecodeError, ErrorKind, Message, decode_batch};
 use bytes::Bytes;
 
-use crate::broker::{Broker, HoldEnd, Processed};
+use crate::broker::{Broker, ConnectPlan, HoldEnd, Processed};
 
 /// The JSON content type of every Bayeux response.
 pub const JSON: &str = "application/json;charset=UTF-8";
@@ -132,16 +132,29 @@ pub(crate) async fn answer_http(
     let Some(plan) = connect else {
         return (StatusCode::OK, build_body(&replies, &[], None));
     };
-    let mut reply = plan.reply;
     let arrived = tokio::time::Instant::now();
     // Replayed history waiting for room in the queue comes in now, ahead of any hold.
-    if let Err(e) = broker.refill(&plan.session).await {
+    // (Boxed, as everything that is not alive during the hold: the future that waits for
+    // messages stays small, and there is one per idle long-poll client.)
+    if let Err(e) = Box::pin(broker.refill(&plan.session)).await {
         tracing::warn!(client_id = plan.session.id(), error = %e, "replay refill failed");
     }
     let end = match plan.hold {
         Some(timeout) => broker.hold_connect(&plan.session, timeout).await,
         None => HoldEnd::Messages,
     };
+    Box::pin(finish_http(broker, replies, plan, arrived, end)).await
+}
+
+/// The end of [`answer_http`], once the hold is over.
+async fn finish_http(
+    broker: &Arc<Broker>,
+    replies: Vec<Message>,
+    plan: ConnectPlan,
+    arrived: tokio::time::Instant,
+    end: HoldEnd,
+) -> (StatusCode, Vec<u8>) {
+    let mut reply = plan.reply;
     if broker.stalled_since(arrived) && end != HoldEnd::Shutdown {
         // Fault injection: this connect is never answered. Nothing is taken from the queue,
         // so the messages wait for whatever connect comes next.

@@ -80,8 +80,10 @@ impl Conn {
     /// history waiting for room into the queue.
     async fn commit(&self) {
         if let Some(session) = &self.bound {
-            self.broker.commit_delivery(session).await;
-            if let Err(e) = self.broker.refill(session).await {
+            // Boxed: these run briefly, but inline they would grow the future of every idle
+            // connection.
+            Box::pin(self.broker.commit_delivery(session)).await;
+            if let Err(e) = Box::pin(self.broker.refill(session)).await {
                 tracing::warn!(client_id = session.id(), error = %e, "replay refill failed");
             }
         }
@@ -190,7 +192,9 @@ pub(crate) async fn run(
         tokio::select! {
             frame = stream.next() => match frame {
                 Some(Ok(WsMessage::Text(t))) => {
-                    let out = conn.on_text(&info, t.as_bytes()).await;
+                    // Boxed: processing a frame needs a large future; the loop that waits
+                    // between frames stays small (memory per idle client).
+                    let out = Box::pin(conn.on_text(&info, t.as_bytes())).await;
                     if !is_empty_array(&out) && sink.send(text(out)).await.is_err() {
                         break;
                     }

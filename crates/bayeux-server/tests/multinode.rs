@@ -197,3 +197,110 @@ async fn a_disconnect_on_one_node_ends_the_session_everywhere() {
     assert_eq!(reply["error"], "402::session_unknown");
     assert_eq!(nodes[0].broker.session_count(), 0);
 }
+
+/// A connect with the ack extension: `(reply, delivered data)`.
+async fn ack_connect(node: &TestServer, id: &str, ack: u64) -> (Value, Vec<i64>) {
+    let replies = node
+        .client()
+        .send(json!([{"channel":"/meta/connect","clientId":id,
+            "connectionType":"long-polling","ext":{"ack":ack}}]))
+        .await;
+    let reply = replies
+        .iter()
+        .find(|m| m["channel"] == "/meta/connect")
+        .unwrap()
+        .clone();
+    assert_eq!(reply["successful"], true, "{reply}");
+    (reply, data(&replies, "/lost"))
+}
+
+#[tokio::test]
+async fn a_response_lost_with_its_node_is_sent_again_to_an_ack_client() {
+    let (nodes, _engine) = nodes(2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let hs = a
+        .client()
+        .send(json!([{"channel":"/meta/handshake","version":"1.0","ext":{"ack":true}}]))
+        .await;
+    assert_eq!(hs[0]["ext"]["ack"], true);
+    let id = hs[0]["clientId"].as_str().unwrap().to_owned();
+    let sub = a
+        .client()
+        .send(json!([{"channel":"/meta/subscribe","clientId":id,"subscription":"/lost"}]))
+        .await;
+    assert_eq!(sub[0]["successful"], true);
+    let (first, _) = ack_connect(a, &id, 0).await;
+    let batch0 = first["ext"]["ack"].as_u64().unwrap();
+    for i in 0..5 {
+        b.client().publish("/lost", json!(i)).await;
+    }
+    // Node A delivers 0..4, confirmed batch by batch, but its last response never reaches the
+    // client (the node died on the way): the client still confirms only the batch before it.
+    let mut confirmed = batch0;
+    let mut before_lost = batch0;
+    let mut received = Vec::new();
+    let mut lost = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while received.len() + lost.len() < 5 && tokio::time::Instant::now() < deadline {
+        let (reply, got) = ack_connect(a, &id, confirmed).await;
+        if !got.is_empty() {
+            received.append(&mut lost);
+            lost = got;
+            before_lost = confirmed;
+            confirmed = reply["ext"]["ack"].as_u64().unwrap();
+        }
+    }
+    assert!(!lost.is_empty());
+    let batch = confirmed;
+    // The client's next connect lands on node B and confirms only `before_lost`: B sends the
+    // lost messages again, then new ones, each once.
+    let (reply, again) = ack_connect(b, &id, before_lost).await;
+    assert_eq!(again, lost, "the lost response, again");
+    received.extend(again);
+    assert_eq!(received, (0..5).collect::<Vec<_>>());
+    let next = reply["ext"]["ack"].as_u64().unwrap();
+    assert!(next > batch, "batch numbers go on after the client's");
+    for i in 5..8 {
+        a.client().publish("/lost", json!(i)).await;
+    }
+    let mut got = Vec::new();
+    let mut confirmed = next;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while got.len() < 3 && tokio::time::Instant::now() < deadline {
+        let (reply, more) = ack_connect(b, &id, confirmed).await;
+        got.extend(more);
+        confirmed = reply["ext"]["ack"].as_u64().unwrap();
+    }
+    assert_eq!(got, vec![5, 6, 7]);
+}
+
+#[tokio::test]
+async fn an_ack_client_that_got_its_response_gets_nothing_twice_on_another_node() {
+    let (nodes, _engine) = nodes(2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let hs = a
+        .client()
+        .send(json!([{"channel":"/meta/handshake","version":"1.0","ext":{"ack":true}}]))
+        .await;
+    let id = hs[0]["clientId"].as_str().unwrap().to_owned();
+    a.client()
+        .send(json!([{"channel":"/meta/subscribe","clientId":id,"subscription":"/lost"}]))
+        .await;
+    let (first, _) = ack_connect(a, &id, 0).await;
+    let mut confirmed = first["ext"]["ack"].as_u64().unwrap();
+    for i in 0..5 {
+        b.client().publish("/lost", json!(i)).await;
+    }
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while got.len() < 5 && tokio::time::Instant::now() < deadline {
+        let (reply, more) = ack_connect(a, &id, confirmed).await;
+        got.extend(more);
+        confirmed = reply["ext"]["ack"].as_u64().unwrap();
+    }
+    // The client confirms the batch it got, on node B: nothing again.
+    b.client().publish("/lost", json!(5)).await;
+    let (_, more) = ack_connect(b, &id, confirmed).await;
+    got.extend(more);
+    assert_eq!(got, (0..6).collect::<Vec<_>>());
+}

@@ -755,6 +755,7 @@ impl Broker {
                     *cursor = (*cursor).max(bounds.last_issued);
                     let start = st.delivered.entry(Arc::from(channel.as_str())).or_insert(0);
                     *start = (*start).max(bounds.last_issued);
+                    st.note_start(channel.as_str(), bounds.last_issued);
                 }
             }
         }
@@ -871,6 +872,7 @@ impl Broker {
                         let cursor = st.cursors.entry(key.clone()).or_insert(0);
                         *cursor = (*cursor).max(after);
                         // Where another node adopting the session resumes this replay.
+                        st.note_start(&key, after);
                         st.delivered.entry(key).or_insert(after);
                         channels.push_back(name);
                     }

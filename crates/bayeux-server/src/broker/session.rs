@@ -271,6 +271,16 @@ impl Session {
 }
 
 impl State {
+    /// Shared engines, ack extension: a channel subscribed while batches are unconfirmed starts
+    /// at `start` in their snapshots too (nothing before it is owed to the client).
+    pub(crate) fn note_start(&mut self, channel: &str, start: u64) {
+        if let Some(ack) = self.ack.as_mut() {
+            for (_, before) in ack.before.iter_mut() {
+                before.entry(Arc::from(channel)).or_insert(start);
+            }
+        }
+    }
+
     /// The whole queue is being taken: everything queued so far is delivered. Only shared
     /// engines need this (it copies the cursors).
     pub(crate) fn mark_taken(&mut self) {

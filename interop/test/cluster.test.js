@@ -116,7 +116,11 @@ function defineClusterTest(withAck) {
         const bye = await sub.disconnect();
         assert.equal(bye.successful, true);
         clients.splice(clients.indexOf(sub), 1);
-        // The session is gone on both nodes.
+        // The session is gone on both nodes: at once on the node that took the disconnect; on
+        // the other, whose copy that node took, after its next cursor commit (one a second at
+        // least; docs/scaleout.md), which marks the copy stale so the next request finds the
+        // record gone.
+        await sleep(2500);
         for (const node of nodes) {
           const res = await fetch(node.url, {
             method: 'POST',

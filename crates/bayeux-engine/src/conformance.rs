@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
-use crate::{Engine, Retention, SessionRecord};
+use crate::{CommitOutcome, CursorCommit, Engine, Retention, SessionRecord};
 
 /// Makes a fresh, empty engine keeping at most `retention`.
 pub trait Factory: Fn(Retention) -> Arc<dyn Engine> {}
@@ -150,6 +150,7 @@ pub async fn sessions(engine: Arc<dyn Engine>) {
         cursors: [("/a/b".to_owned(), 7)].into_iter().collect(),
         extensions: vec!["ack".into()],
         epoch: 3,
+        owner: None,
     };
     engine
         .save_session(&record, Duration::from_secs(60))
@@ -187,4 +188,127 @@ pub async fn sessions(engine: Arc<dyn Engine>) {
         .await
         .unwrap();
     engine.remove_session("zzz").await.unwrap();
+}
+
+/// Sessions that nodes sharing an engine claim from each other and commit cursors for (the
+/// memory and Redis engines; the disk engine serves one node).
+pub async fn ownership(engine: Arc<dyn Engine>) {
+    let ttl = Duration::from_secs(60);
+    let commit = |id: &str, at: u64, release: bool| CursorCommit {
+        client_id: id.into(),
+        cursors: [("/a".to_owned(), at)].into_iter().collect(),
+        release,
+    };
+    let at = |r: &SessionRecord, channel: &str| r.cursors.get(channel).copied();
+    let record = SessionRecord {
+        client_id: "s1".into(),
+        subscriptions: vec!["/a".into(), "/b".into()],
+        cursors: [("/a".to_owned(), 1), ("/b".to_owned(), 2)]
+            .into_iter()
+            .collect(),
+        extensions: vec![],
+        epoch: 3,
+        owner: Some("A".into()),
+    };
+    engine.save_session(&record, ttl).await.unwrap();
+    assert_eq!(engine.load_session("s1").await.unwrap(), Some(record));
+    let none = CommitOutcome::default();
+    let taken = |id: &str| CommitOutcome {
+        taken: vec![id.to_owned()],
+        ended: vec![],
+    };
+    assert_eq!(
+        engine
+            .commit_cursors("A", &[commit("s1", 5, false)], ttl)
+            .await
+            .unwrap(),
+        none
+    );
+    // B takes it: A's commit wins over the record; channels A committed nothing for keep the
+    // record's cursor.
+    let claimed = engine
+        .claim_session("s1", "B", 9, ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((at(&claimed, "/a"), at(&claimed, "/b")), (Some(5), Some(2)));
+    assert_eq!((claimed.owner.as_deref(), claimed.epoch), (Some("B"), 9));
+    let stored = engine.load_session("s1").await.unwrap().unwrap();
+    assert_eq!((stored.owner.as_deref(), stored.epoch), (Some("B"), 9));
+    // A learns it at its next commit, whose commit for s1 is refused; and only once.
+    assert_eq!(
+        engine
+            .commit_cursors("A", &[commit("s1", 7, false)], ttl)
+            .await
+            .unwrap(),
+        taken("s1")
+    );
+    assert_eq!(engine.commit_cursors("A", &[], ttl).await.unwrap(), none);
+    // A takes it back from B: B's commit, not A's refused one.
+    assert_eq!(
+        engine
+            .commit_cursors("B", &[commit("s1", 6, false)], ttl)
+            .await
+            .unwrap(),
+        none
+    );
+    let back = engine
+        .claim_session("s1", "A", 11, ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(at(&back, "/a"), Some(6));
+    assert_eq!(
+        engine.commit_cursors("B", &[], ttl).await.unwrap(),
+        taken("s1")
+    );
+    // The owner claiming again takes nothing from itself.
+    let again = engine
+        .claim_session("s1", "A", 13, ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(at(&again, "/a"), Some(6));
+    assert_eq!(engine.commit_cursors("A", &[], ttl).await.unwrap(), none);
+    // Removing it tells the owner that it ended; claiming it finds nothing.
+    engine.remove_session("s1").await.unwrap();
+    assert_eq!(
+        engine.commit_cursors("A", &[], ttl).await.unwrap(),
+        CommitOutcome {
+            taken: vec![],
+            ended: vec!["s1".to_owned()],
+        }
+    );
+    assert_eq!(
+        engine.claim_session("s1", "B", 15, ttl).await.unwrap(),
+        None
+    );
+    // Released: the cursors go into the record, which has no owner any more.
+    let s2 = SessionRecord {
+        client_id: "s2".into(),
+        subscriptions: vec!["/a".into()],
+        cursors: [("/a".to_owned(), 1)].into_iter().collect(),
+        extensions: vec![],
+        epoch: 3,
+        owner: Some("A".into()),
+    };
+    engine.save_session(&s2, ttl).await.unwrap();
+    engine
+        .commit_cursors("A", &[commit("s2", 3, false)], ttl)
+        .await
+        .unwrap();
+    engine
+        .commit_cursors("A", &[commit("s2", 4, true)], ttl)
+        .await
+        .unwrap();
+    let released = engine.load_session("s2").await.unwrap().unwrap();
+    assert_eq!((at(&released, "/a"), released.owner), (Some(4), None));
+    let claimed = engine
+        .claim_session("s2", "B", 5, ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(at(&claimed, "/a"), Some(4));
+    assert_eq!(engine.commit_cursors("A", &[], ttl).await.unwrap(), none);
+    engine.remove_session("s2").await.unwrap();
 }

@@ -1037,6 +1037,7 @@ mod tests {
             cursors: [("/a".to_owned(), 3)].into_iter().collect(),
             extensions: vec!["replay".into()],
             epoch: 9,
+            owner: None,
         };
         {
             let engine = open(dir.path());

@@ -92,6 +92,32 @@ pub struct SessionRecord {
     /// copy from this record.
     #[serde(default)]
     pub epoch: u64,
+    /// The node serving the session (shared engines): its cursors committed with
+    /// [`Engine::commit_cursors`] are fresher than [`cursors`](SessionRecord::cursors). `None`
+    /// on engines that one node uses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+}
+
+/// What [`Engine::commit_cursors`] learned about the node's sessions since its previous call.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CommitOutcome {
+    /// Sessions another node claimed: the node's copies are stale.
+    pub taken: Vec<String>,
+    /// Sessions removed (disconnected) by any node: they ended everywhere.
+    pub ended: Vec<String>,
+}
+
+/// The cursors of one session that a node serves, for [`Engine::commit_cursors`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CursorCommit {
+    /// The clientId.
+    pub client_id: String,
+    /// As [`SessionRecord::cursors`]: per channel, what was sent.
+    pub cursors: BTreeMap<String, ReplayId>,
+    /// The node stops serving the session (its local copy expired): the cursors go into the
+    /// record itself, which then has no owner, and the node's commit for it is dropped.
+    pub release: bool,
 }
 
 /// What a trim removed.
@@ -193,8 +219,63 @@ pub trait Engine: Send + Sync + 'static {
     /// Extends a session record's life by `ttl` from now. Unknown ids are ignored.
     async fn touch_session(&self, client_id: &str, ttl: Duration) -> Result<(), EngineError>;
 
-    /// Removes a session record. Unknown ids are ignored.
+    /// Removes a session record. Unknown ids are ignored. A shared engine also tells the
+    /// record's owner (its next [`commit_cursors`](Engine::commit_cursors) lists the id as
+    /// ended).
     async fn remove_session(&self, client_id: &str) -> Result<(), EngineError>;
+
+    /// Makes node `node` the owner of session `client_id` and returns its record, or `None` if
+    /// it does not exist (ended or expired). The returned record has epoch `epoch` (also
+    /// stored) and the freshest cursors: those its previous owner last committed with
+    /// [`commit_cursors`](Engine::commit_cursors), completed by the record's own for channels
+    /// the owner committed nothing for. That owner, if another node, finds `client_id` among
+    /// the sessions its next `commit_cursors` reports as taken. The record's life is extended
+    /// by `ttl`.
+    ///
+    /// The default (for engines one node uses) loads, sets owner and epoch, and saves.
+    async fn claim_session(
+        &self,
+        client_id: &str,
+        node: &str,
+        epoch: u64,
+        ttl: Duration,
+    ) -> Result<Option<SessionRecord>, EngineError> {
+        let Some(mut record) = self.load_session(client_id).await? else {
+            return Ok(None);
+        };
+        record.owner = Some(node.to_owned());
+        record.epoch = epoch;
+        self.save_session(&record, ttl).await?;
+        Ok(Some(record))
+    }
+
+    /// Records what node `node` sent to the sessions it owns: one operation for the whole
+    /// batch on a shared engine, so that the cost per published message does not grow with
+    /// the number of subscribers. Returns the sessions taken from `node` (claimed by another
+    /// node) and those removed since its previous call; their commits in this batch are not
+    /// recorded. A shared engine keeps `node`'s commits for `ttl` after the last call, so a
+    /// node calls this at least every few seconds, with an empty batch if need be.
+    ///
+    /// The default (for engines one node uses) writes each record's cursors and reports
+    /// nothing taken.
+    async fn commit_cursors(
+        &self,
+        node: &str,
+        commits: &[CursorCommit],
+        ttl: Duration,
+    ) -> Result<CommitOutcome, EngineError> {
+        let _ = node;
+        for commit in commits {
+            if let Some(mut record) = self.load_session(&commit.client_id).await? {
+                record.cursors = commit.cursors.clone();
+                if commit.release {
+                    record.owner = None;
+                }
+                self.save_session(&record, ttl).await?;
+            }
+        }
+        Ok(CommitOutcome::default())
+    }
 }
 
 /// Milliseconds since the Unix epoch.

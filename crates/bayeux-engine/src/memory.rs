@@ -1,6 +1,6 @@
 //! The memory engine: logs and sessions in this process. Nothing survives a restart.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -10,8 +10,8 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
 use crate::{
-    Bounds, Engine, EngineError, FeedReceiver, ReplayId, Retention, SessionRecord, Stored,
-    TrimStats, now_ms, system_time_ms,
+    Bounds, CommitOutcome, CursorCommit, Engine, EngineError, FeedReceiver, ReplayId, Retention,
+    SessionRecord, Stored, TrimStats, now_ms, system_time_ms,
 };
 
 #[derive(Default)]
@@ -33,8 +33,60 @@ pub struct MemoryEngine {
     // One lock for all logs: appends are short, and one lock makes the feed order trivially
     // equal to the replay-ID order.
     logs: Mutex<Logs>,
-    sessions: Mutex<HashMap<String, (SessionRecord, Instant)>>,
+    sessions: Mutex<Sessions>,
     retention: Retention,
+}
+
+/// Session records, and what each node committed for the sessions it owns (several brokers
+/// in one process can share a memory engine, as nodes share Redis).
+#[derive(Default)]
+struct Sessions {
+    records: HashMap<String, (SessionRecord, Instant)>,
+    nodes: HashMap<String, NodeCommits>,
+}
+
+#[derive(Default)]
+struct NodeCommits {
+    cursors: HashMap<String, BTreeMap<String, ReplayId>>,
+    /// Sessions taken from the node since its last commit.
+    taken: HashSet<String>,
+    /// Sessions of the node removed since its last commit.
+    ended: HashSet<String>,
+}
+
+impl Sessions {
+    fn live(&mut self, client_id: &str) -> Option<&mut SessionRecord> {
+        if self
+            .records
+            .get(client_id)
+            .is_some_and(|(_, expires)| *expires <= Instant::now())
+        {
+            self.records.remove(client_id);
+        }
+        self.records.get_mut(client_id).map(|(r, _)| r)
+    }
+
+    /// Takes `client_id` from its owner (for `new_owner`, or because it ended), returning what
+    /// the owner committed for it.
+    fn take_from_owner(
+        &mut self,
+        client_id: &str,
+        owner: Option<&str>,
+        new_owner: Option<&str>,
+    ) -> Option<BTreeMap<String, ReplayId>> {
+        let node = self.nodes.entry(owner?.to_owned()).or_default();
+        let committed = node.cursors.remove(client_id);
+        match new_owner {
+            None => {
+                node.ended.insert(client_id.to_owned());
+            }
+            Some(new) if owner != Some(new) => {
+                node.taken.insert(client_id.to_owned());
+            }
+            Some(_) => {}
+        }
+        committed
+    }
 }
 
 impl MemoryEngine {
@@ -42,7 +94,7 @@ impl MemoryEngine {
     pub fn new(retention: Retention) -> Self {
         MemoryEngine {
             logs: Mutex::new(Logs::default()),
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(Sessions::default()),
             retention,
         }
     }
@@ -159,7 +211,7 @@ impl Engine for MemoryEngine {
     }
 
     async fn save_session(&self, record: &SessionRecord, ttl: Duration) -> Result<(), EngineError> {
-        self.sessions.lock().insert(
+        self.sessions.lock().records.insert(
             record.client_id.clone(),
             (record.clone(), Instant::now() + ttl),
         );
@@ -167,27 +219,90 @@ impl Engine for MemoryEngine {
     }
 
     async fn load_session(&self, client_id: &str) -> Result<Option<SessionRecord>, EngineError> {
-        let mut sessions = self.sessions.lock();
-        match sessions.get(client_id) {
-            Some((_, expires)) if *expires <= Instant::now() => {
-                sessions.remove(client_id);
-                Ok(None)
-            }
-            Some((record, _)) => Ok(Some(record.clone())),
-            None => Ok(None),
-        }
+        Ok(self.sessions.lock().live(client_id).cloned())
     }
 
     async fn touch_session(&self, client_id: &str, ttl: Duration) -> Result<(), EngineError> {
-        if let Some((_, expires)) = self.sessions.lock().get_mut(client_id) {
+        if let Some((_, expires)) = self.sessions.lock().records.get_mut(client_id) {
             *expires = Instant::now() + ttl;
         }
         Ok(())
     }
 
     async fn remove_session(&self, client_id: &str) -> Result<(), EngineError> {
-        self.sessions.lock().remove(client_id);
+        let mut sessions = self.sessions.lock();
+        if let Some((record, _)) = sessions.records.remove(client_id) {
+            sessions.take_from_owner(client_id, record.owner.as_deref(), None);
+        }
         Ok(())
+    }
+
+    async fn claim_session(
+        &self,
+        client_id: &str,
+        node: &str,
+        epoch: u64,
+        ttl: Duration,
+    ) -> Result<Option<SessionRecord>, EngineError> {
+        let mut sessions = self.sessions.lock();
+        let Some(record) = sessions.live(client_id) else {
+            return Ok(None);
+        };
+        let owner = record.owner.clone();
+        let mut record = record.clone();
+        if let Some(committed) = sessions.take_from_owner(client_id, owner.as_deref(), Some(node)) {
+            record.cursors.extend(committed);
+        }
+        record.owner = Some(node.to_owned());
+        record.epoch = epoch;
+        let mine = sessions.nodes.entry(node.to_owned()).or_default();
+        mine.taken.remove(client_id);
+        mine.ended.remove(client_id);
+        mine.cursors
+            .insert(client_id.to_owned(), record.cursors.clone());
+        sessions
+            .records
+            .insert(client_id.to_owned(), (record.clone(), Instant::now() + ttl));
+        Ok(Some(record))
+    }
+
+    async fn commit_cursors(
+        &self,
+        node: &str,
+        commits: &[CursorCommit],
+        _ttl: Duration,
+    ) -> Result<CommitOutcome, EngineError> {
+        let mut sessions = self.sessions.lock();
+        let mine = sessions.nodes.entry(node.to_owned()).or_default();
+        let taken = std::mem::take(&mut mine.taken);
+        let ended = std::mem::take(&mut mine.ended);
+        for commit in commits
+            .iter()
+            .filter(|c| !taken.contains(&c.client_id) && !ended.contains(&c.client_id))
+        {
+            let mine = sessions.nodes.entry(node.to_owned()).or_default();
+            if commit.release {
+                mine.cursors.remove(&commit.client_id);
+                if let Some(record) = sessions.live(&commit.client_id)
+                    && record.owner.as_deref() == Some(node)
+                {
+                    record.cursors = commit.cursors.clone();
+                    record.owner = None;
+                }
+            } else {
+                mine.cursors
+                    .insert(commit.client_id.clone(), commit.cursors.clone());
+            }
+        }
+        let sorted = |set: HashSet<String>| {
+            let mut v: Vec<String> = set.into_iter().collect();
+            v.sort();
+            v
+        };
+        Ok(CommitOutcome {
+            taken: sorted(taken),
+            ended: sorted(ended),
+        })
     }
 }
 
@@ -198,5 +313,6 @@ mod tests {
     #[tokio::test]
     async fn conformance() {
         crate::conformance::run_all(|retention| Arc::new(MemoryEngine::new(retention))).await;
+        crate::conformance::ownership(Arc::new(MemoryEngine::default())).await;
     }
 }

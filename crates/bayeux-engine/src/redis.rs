@@ -21,7 +21,12 @@
 //!   XRANGEs whatever it has not fed yet; a notification that skips IDs is preceded by an
 //!   XRANGE of the gap, and one at or below the last fed ID is a duplicate and dropped. The feed
 //!   thus yields every retained message once, in replay-ID order per channel.
-//! * **Sessions** are hashes `{prefix}session:{clientId}` with a `PEXPIRE` TTL.
+//! * **Sessions** are hashes `{prefix}session:{clientId}` with a `PEXPIRE` TTL, naming their
+//!   `owner` node. A node's cursor commits for the sessions it owns are one hash,
+//!   `{prefix}node:{node}` (field: clientId), written by one script per batch, so their cost
+//!   does not grow with subscribers; a claim moves the session's entry to the claiming node and
+//!   adds the id to the previous owner's set `{prefix}node:{owner}:taken` (a removal, to
+//!   `…:ended`), which that owner's next commit reads and empties.
 //! * **Faults.** Every operation is bounded by [`RedisOptions::op_timeout`] and fails with
 //!   [`EngineError::Unavailable`] while Redis is unreachable; the connection is re-established
 //!   in the background. An append that fails was not acknowledged; one that timed out may or may
@@ -48,8 +53,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::{
-    Bounds, Engine, EngineError, FeedReceiver, ReplayId, Retention, SessionRecord, Stored,
-    TrimStats, system_time_ms,
+    Bounds, CommitOutcome, CursorCommit, Engine, EngineError, FeedReceiver, ReplayId, Retention,
+    SessionRecord, Stored, TrimStats, system_time_ms,
 };
 
 /// Settings of a [`RedisEngine`] besides its URL and retention.
@@ -144,15 +149,109 @@ return {string.format('%d', id), tss}
 /// Trims one channel's head. KEYS: meta hash, log stream. ARGV: cutoff ms, max messages, max
 /// bytes, the most entries to drop in this call. Returns `{dropped, bytes dropped, more}`.
 /// Compare-and-set of a session record: KEYS[1] the record; ARGV: the expected epoch, then
-/// client_id, subscriptions, cursors, extensions, epoch, TTL in ms. Returns 1 if replaced, 0 if
-/// the record is gone or has another epoch. Every field is written, so no DEL is needed.
+/// client_id, subscriptions, cursors, extensions, epoch, TTL in ms, owner (empty: none).
+/// Returns 1 if replaced, 0 if the record is gone or has another epoch. Every field is
+/// written, so no DEL is needed.
 const REPLACE_SESSION_LUA: &str = r#"
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then
   return 0
 end
 redis.call('HSET', KEYS[1], 'client_id', ARGV[2], 'subscriptions', ARGV[3], 'cursors', ARGV[4],
   'extensions', ARGV[5], 'epoch', ARGV[6])
+if ARGV[8] == '' then
+  redis.call('HDEL', KEYS[1], 'owner')
+else
+  redis.call('HSET', KEYS[1], 'owner', ARGV[8])
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
+return 1
+"#;
+
+/// How long a node's "taken" set outlives its last change: the node, if alive, empties it
+/// within a second or two.
+const TAKEN_TTL: Duration = Duration::from_secs(600);
+
+/// Claims a session for a node. KEYS[1]: the record. ARGV: node key prefix, client id, node,
+/// new epoch, TTL in ms, TTL of a node's "taken" set in ms. Returns `false` if there is no
+/// record, else `{record fields, the owner's commit or false}`.
+const CLAIM_SESSION_LUA: &str = r#"
+local fields = redis.call('HGETALL', KEYS[1])
+if #fields == 0 then return false end
+local owner = nil
+for i = 1, #fields, 2 do
+  if fields[i] == 'owner' then owner = fields[i + 1] end
+end
+local committed = false
+if owner then
+  local theirs = ARGV[1] .. owner
+  committed = redis.call('HGET', theirs, ARGV[2])
+  if owner ~= ARGV[3] then
+    if committed then redis.call('HDEL', theirs, ARGV[2]) end
+    redis.call('SADD', theirs .. ':taken', ARGV[2])
+    redis.call('PEXPIRE', theirs .. ':taken', ARGV[6])
+  end
+end
+local mine = ARGV[1] .. ARGV[3]
+redis.call('SREM', mine .. ':taken', ARGV[2])
+redis.call('SREM', mine .. ':ended', ARGV[2])
+if committed then
+  redis.call('HSET', mine, ARGV[2], committed)
+  redis.call('PEXPIRE', mine, ARGV[5])
+end
+redis.call('HSET', KEYS[1], 'owner', ARGV[3], 'epoch', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return {fields, committed}
+"#;
+
+/// Commits a node's cursors. KEYS: the node's commits hash, its "taken" and "ended" sets.
+/// ARGV: TTL in ms, session key prefix, node, then per session: client id, cursors, release
+/// (`1`/`0`). Returns `{taken, ended}`: the ids in the node's "taken" and "ended" sets (which
+/// it empties); their commits are skipped.
+/// A constant number of commands for any batch (a release costs a few more: it writes the
+/// record).
+const COMMIT_CURSORS_LUA: &str = r#"
+local taken = redis.call('SMEMBERS', KEYS[2])
+local ended = redis.call('SMEMBERS', KEYS[3])
+local gone = {}
+if #taken > 0 or #ended > 0 then
+  redis.call('DEL', KEYS[2], KEYS[3])
+  for _, id in ipairs(taken) do gone[id] = true end
+  for _, id in ipairs(ended) do gone[id] = true end
+end
+local set, del = {}, {}
+for i = 4, #ARGV, 3 do
+  local id = ARGV[i]
+  if not gone[id] then
+    if ARGV[i + 2] == '1' then
+      del[#del + 1] = id
+      local record = ARGV[2] .. id
+      if redis.call('HGET', record, 'owner') == ARGV[3] then
+        redis.call('HSET', record, 'cursors', ARGV[i + 1])
+        redis.call('HDEL', record, 'owner')
+      end
+    else
+      set[#set + 1] = id
+      set[#set + 1] = ARGV[i + 1]
+    end
+  end
+end
+if #set > 0 then redis.call('HSET', KEYS[1], unpack(set)) end
+if #del > 0 then redis.call('HDEL', KEYS[1], unpack(del)) end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return {taken, ended}
+"#;
+
+/// Removes a session record and tells its owner. KEYS[1]: the record. ARGV: node key prefix,
+/// client id, TTL of the owner's "taken" set in ms.
+const REMOVE_SESSION_LUA: &str = r#"
+local owner = redis.call('HGET', KEYS[1], 'owner')
+redis.call('DEL', KEYS[1])
+if owner then
+  local theirs = ARGV[1] .. owner
+  redis.call('HDEL', theirs, ARGV[2])
+  redis.call('SADD', theirs .. ':ended', ARGV[2])
+  redis.call('PEXPIRE', theirs .. ':ended', ARGV[3])
+end
 return 1
 "#;
 
@@ -243,6 +342,14 @@ impl Keys {
     fn session(&self, client_id: &str) -> String {
         format!("{}session:{client_id}", self.prefix)
     }
+    fn session_prefix(&self) -> String {
+        format!("{}session:", self.prefix)
+    }
+    /// Prefix of the hash of a node's commits (`{prefix}node:{node}`, field: clientId) and of
+    /// its set of sessions taken by other nodes (`{prefix}node:{node}:taken`).
+    fn node_prefix(&self) -> String {
+        format!("{}node:", self.prefix)
+    }
 }
 
 /// What the engine and its feed task share.
@@ -256,6 +363,9 @@ struct Shared {
     trim: Script,
     snapshot: Script,
     replace_session: Script,
+    claim_session: Script,
+    commit_cursors: Script,
+    remove_session: Script,
     feeds: Mutex<Vec<UnboundedSender<Stored>>>,
     feed_connected: AtomicBool,
     feed_resubscriptions: AtomicU64,
@@ -503,6 +613,9 @@ impl RedisEngine {
             trim: Script::new(TRIM_LUA),
             snapshot: Script::new(SNAPSHOT_LUA),
             replace_session: Script::new(REPLACE_SESSION_LUA),
+            claim_session: Script::new(CLAIM_SESSION_LUA),
+            commit_cursors: Script::new(COMMIT_CURSORS_LUA),
+            remove_session: Script::new(REMOVE_SESSION_LUA),
             feeds: Mutex::new(Vec::new()),
             feed_connected: AtomicBool::new(false),
             feed_resubscriptions: AtomicU64::new(0),
@@ -699,10 +812,8 @@ impl Engine for RedisEngine {
         let s = &self.shared;
         let key = s.keys.session(&record.client_id);
         let mut pipe = ::redis::pipe();
-        pipe.atomic()
-            .cmd("DEL")
-            .arg(&key)
-            .ignore()
+        pipe.atomic().cmd("DEL").arg(&key).ignore();
+        let hset = pipe
             .cmd("HSET")
             .arg(&key)
             .arg("client_id")
@@ -714,12 +825,11 @@ impl Engine for RedisEngine {
             .arg("extensions")
             .arg(to_json(&record.extensions)?)
             .arg("epoch")
-            .arg(record.epoch)
-            .ignore()
-            .cmd("PEXPIRE")
-            .arg(&key)
-            .arg(ms(ttl))
-            .ignore();
+            .arg(record.epoch);
+        if let Some(owner) = &record.owner {
+            hset.arg("owner").arg(owner);
+        }
+        hset.ignore().cmd("PEXPIRE").arg(&key).arg(ms(ttl)).ignore();
         let mut conn = s.conn.clone();
         s.op("save_session", pipe.query_async::<()>(&mut conn))
             .await
@@ -739,28 +849,7 @@ impl Engine for RedisEngine {
         if fields.is_empty() {
             return Ok(None);
         }
-        fn field<T: serde::de::DeserializeOwned>(
-            fields: &HashMap<String, String>,
-            name: &str,
-        ) -> Result<T, EngineError> {
-            let text = fields
-                .get(name)
-                .ok_or_else(|| EngineError::Storage(format!("session record lacks {name}")))?;
-            serde_json::from_str(text)
-                .map_err(|e| EngineError::Storage(format!("session record field {name}: {e}")))
-        }
-        Ok(Some(SessionRecord {
-            client_id: client_id.to_owned(),
-            subscriptions: field(&fields, "subscriptions")?,
-            cursors: field(&fields, "cursors")?,
-            extensions: field(&fields, "extensions")?,
-            epoch: match fields.get("epoch") {
-                None => 0,
-                Some(e) => e.parse().map_err(|e| {
-                    EngineError::Storage(format!("session record field epoch: {e}"))
-                })?,
-            },
-        }))
+        record_from_fields(client_id, &fields).map(Some)
     }
 
     async fn replace_session(
@@ -778,7 +867,8 @@ impl Engine for RedisEngine {
             .arg(to_json(&record.cursors)?)
             .arg(to_json(&record.extensions)?)
             .arg(record.epoch)
-            .arg(ms(ttl));
+            .arg(ms(ttl))
+            .arg(record.owner.as_deref().unwrap_or(""));
         let mut conn = s.conn.clone();
         let replaced: i64 = s.op("replace_session", inv.invoke_async(&mut conn)).await?;
         Ok(replaced == 1)
@@ -799,15 +889,120 @@ impl Engine for RedisEngine {
 
     async fn remove_session(&self, client_id: &str) -> Result<(), EngineError> {
         let s = &self.shared;
+        let mut inv = s.remove_session.prepare_invoke();
+        inv.key(s.keys.session(client_id))
+            .arg(s.keys.node_prefix())
+            .arg(client_id)
+            .arg(ms(TAKEN_TTL));
         let mut conn = s.conn.clone();
-        s.op(
-            "remove_session",
-            ::redis::cmd("DEL")
-                .arg(s.keys.session(client_id))
-                .query_async::<()>(&mut conn),
-        )
-        .await
+        s.op("remove_session", inv.invoke_async::<()>(&mut conn))
+            .await
     }
+
+    async fn claim_session(
+        &self,
+        client_id: &str,
+        node: &str,
+        epoch: u64,
+        ttl: Duration,
+    ) -> Result<Option<SessionRecord>, EngineError> {
+        let s = &self.shared;
+        let mut inv = s.claim_session.prepare_invoke();
+        inv.key(s.keys.session(client_id))
+            .arg(s.keys.node_prefix())
+            .arg(client_id)
+            .arg(node)
+            .arg(epoch)
+            .arg(ms(ttl))
+            .arg(ms(TAKEN_TTL));
+        let mut conn = s.conn.clone();
+        let reply: Value = s.op("claim_session", inv.invoke_async(&mut conn)).await?;
+        let Some([fields, committed]) = as_array(&reply) else {
+            return match reply {
+                Value::Nil => Ok(None),
+                other => Err(bad_reply("claim_session", &other)),
+            };
+        };
+        let fields = as_array(fields).ok_or_else(|| bad_reply("claim_session", fields))?;
+        let mut map = HashMap::new();
+        for pair in fields.chunks(2) {
+            if let [k, v] = pair
+                && let (Some(k), Some(v)) = (as_bytes(k), as_bytes(v))
+            {
+                map.insert(
+                    String::from_utf8_lossy(k).into_owned(),
+                    String::from_utf8_lossy(v).into_owned(),
+                );
+            }
+        }
+        let mut record = record_from_fields(client_id, &map)?;
+        if let Some(committed) = as_bytes(committed) {
+            let committed: std::collections::BTreeMap<String, ReplayId> =
+                serde_json::from_slice(committed).map_err(|e| {
+                    EngineError::Storage(format!("committed cursors of {client_id}: {e}"))
+                })?;
+            record.cursors.extend(committed);
+        }
+        record.owner = Some(node.to_owned());
+        record.epoch = epoch;
+        Ok(Some(record))
+    }
+
+    async fn commit_cursors(
+        &self,
+        node: &str,
+        commits: &[CursorCommit],
+        ttl: Duration,
+    ) -> Result<CommitOutcome, EngineError> {
+        let s = &self.shared;
+        let node_key = format!("{}{node}", s.keys.node_prefix());
+        let mut inv = s.commit_cursors.prepare_invoke();
+        inv.key(&node_key)
+            .key(format!("{node_key}:taken"))
+            .key(format!("{node_key}:ended"))
+            .arg(ms(ttl))
+            .arg(s.keys.session_prefix())
+            .arg(node);
+        for commit in commits {
+            inv.arg(&commit.client_id)
+                .arg(to_json(&commit.cursors)?)
+                .arg(if commit.release { "1" } else { "0" });
+        }
+        let mut conn = s.conn.clone();
+        let (taken, ended): (Vec<String>, Vec<String>) =
+            s.op("commit_cursors", inv.invoke_async(&mut conn)).await?;
+        Ok(CommitOutcome { taken, ended })
+    }
+}
+
+/// A session record from its hash fields.
+fn record_from_fields(
+    client_id: &str,
+    fields: &HashMap<String, String>,
+) -> Result<SessionRecord, EngineError> {
+    fn field<T: serde::de::DeserializeOwned>(
+        fields: &HashMap<String, String>,
+        name: &str,
+    ) -> Result<T, EngineError> {
+        let text = fields
+            .get(name)
+            .ok_or_else(|| EngineError::Storage(format!("session record lacks {name}")))?;
+        serde_json::from_str(text)
+            .map_err(|e| EngineError::Storage(format!("session record field {name}: {e}")))
+    }
+    Ok(SessionRecord {
+        client_id: client_id.to_owned(),
+        subscriptions: field(fields, "subscriptions")?,
+        cursors: field(fields, "cursors")?,
+        extensions: field(fields, "extensions")?,
+        epoch: match fields.get("epoch") {
+            None => 0,
+            Some(e) => e
+                .parse()
+                .map_err(|e| EngineError::Storage(format!("session record field epoch: {e}")))?,
+        },
+        owner: fields.get("owner").cloned(),
+    })
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Result<String, EngineError> {

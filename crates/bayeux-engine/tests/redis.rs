@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bayeux_engine::redis::{RedisEngine, RedisOptions};
 use bayeux_engine::{
-    Engine, EngineError, FeedReceiver, ReplayId, Retention, SessionRecord, Stored,
+    CursorCommit, Engine, EngineError, FeedReceiver, ReplayId, Retention, SessionRecord, Stored,
 };
 use bayeux_test_support::RedisServer;
 use bytes::Bytes;
@@ -99,6 +99,8 @@ async fn conformance() {
         Arc::new(engine) as Arc<dyn Engine>
     })
     .await;
+    let own = connect(&redis, "own:", generous()).await;
+    bayeux_engine::conformance::ownership(Arc::new(own)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -409,6 +411,7 @@ async fn session_records_are_shared_hashes_with_a_ttl() {
             .collect(),
         extensions: vec!["ack".into(), "replay".into()],
         epoch: 4,
+        owner: None,
     };
     a.save_session(&record, Duration::from_secs(60))
         .await
@@ -490,5 +493,87 @@ async fn redis_commands_per_append() {
     assert!(
         !counts.contains_key("xrange"),
         "no catch-up reads: {counts:?}"
+    );
+}
+
+/// Total command calls since the last `CONFIG RESETSTAT` (commands run by scripts included).
+fn command_calls(redis: &RedisServer) -> u64 {
+    redis.command_counts().iter().map(|(_, n)| n).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_costs_the_same_number_of_commands_for_one_session_or_a_thousand() {
+    let redis = RedisServer::start();
+    let engine = connect(&redis, "cc:", generous()).await;
+    let ttl = Duration::from_secs(60);
+    let commits = |n: usize, at: u64| -> Vec<CursorCommit> {
+        (0..n)
+            .map(|i| CursorCommit {
+                client_id: format!("c{i}"),
+                cursors: [("/a".to_owned(), at), ("/b".to_owned(), at + 1)]
+                    .into_iter()
+                    .collect(),
+                release: false,
+            })
+            .collect()
+    };
+    // Loads the script (the first call is answered NOSCRIPT).
+    engine.commit_cursors("n1", &[], ttl).await.unwrap();
+    let mut cost = Vec::new();
+    for n in [1, 10, 1_000] {
+        redis.command(&["CONFIG", "RESETSTAT"]).unwrap();
+        engine
+            .commit_cursors("n1", &commits(n, 7), ttl)
+            .await
+            .unwrap();
+        // CONFIG RESETSTAT itself is counted after the reset.
+        cost.push(command_calls(&redis));
+    }
+    assert_eq!(cost[0], cost[1], "commands for 1 and 10 sessions: {cost:?}");
+    assert_eq!(
+        cost[0], cost[2],
+        "commands for 1 and 1000 sessions: {cost:?}"
+    );
+    assert!(
+        cost[0] <= 6,
+        "a commit takes a handful of commands: {cost:?}"
+    );
+    let fields: u64 = redis
+        .command(&["HLEN", "cc:node:n1"])
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(fields, 1_000);
+    // A session taken by another node: its next commit is refused, in the same single call.
+    let record = SessionRecord {
+        client_id: "c3".into(),
+        subscriptions: vec!["/a".into()],
+        cursors: Default::default(),
+        extensions: vec![],
+        epoch: 1,
+        owner: Some("n1".into()),
+    };
+    engine.save_session(&record, ttl).await.unwrap();
+    let claimed = engine
+        .claim_session("c3", "n2", 5, ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(claimed.cursors.get("/a"), Some(&7));
+    let outcome = engine
+        .commit_cursors("n1", &commits(1_000, 9), ttl)
+        .await
+        .unwrap();
+    assert_eq!(outcome.taken, vec!["c3".to_owned()]);
+    let c3: String = redis.command(&["HGET", "cc:node:n2", "c3"]).unwrap();
+    assert!(
+        c3.contains("\"/a\":7"),
+        "n2's commit for c3 is n1's last: {c3}"
+    );
+    let gone = redis.command(&["HEXISTS", "cc:node:n1", "c3"]).unwrap();
+    assert_eq!(
+        gone.trim(),
+        "0",
+        "n1's refused commit for c3 was not written"
     );
 }

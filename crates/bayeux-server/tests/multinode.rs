@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use bayeux_engine::memory::MemoryEngine;
 use bayeux_engine::{
-    Bounds, Engine, EngineError, FeedReceiver, ReplayId, Retention, SessionRecord, Stored,
-    TrimStats,
+    Bounds, CommitOutcome, CursorCommit, Engine, EngineError, FeedReceiver, ReplayId, Retention,
+    SessionRecord, Stored, TrimStats,
 };
 use bayeux_server::Server;
 use bayeux_test_support::{LpClient, TestServer, test_config};
@@ -61,6 +61,23 @@ impl Engine for Shared {
     }
     async fn remove_session(&self, id: &str) -> Result<(), EngineError> {
         self.0.remove_session(id).await
+    }
+    async fn claim_session(
+        &self,
+        id: &str,
+        node: &str,
+        epoch: u64,
+        ttl: Duration,
+    ) -> Result<Option<SessionRecord>, EngineError> {
+        self.0.claim_session(id, node, epoch, ttl).await
+    }
+    async fn commit_cursors(
+        &self,
+        node: &str,
+        commits: &[CursorCommit],
+        ttl: Duration,
+    ) -> Result<CommitOutcome, EngineError> {
+        self.0.commit_cursors(node, commits, ttl).await
     }
 }
 
@@ -193,6 +210,10 @@ async fn a_disconnect_on_one_node_ends_the_session_everywhere() {
         .send(json!([{"channel":"/meta/disconnect","clientId":c.id()}]))
         .await;
     assert_eq!(bye[0]["successful"], true);
+    // Node A, whose copy node B took, learns it from its next cursor commit (one a second at
+    // least) instead of reading the record on every request; its copy is stale then, and the
+    // next request finds the record gone.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
     let (reply, _) = c.connect_split().await;
     assert_eq!(reply["error"], "402::session_unknown");
     assert_eq!(nodes[0].broker.session_count(), 0);

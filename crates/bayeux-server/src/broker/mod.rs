@@ -28,6 +28,7 @@ use tokio::time::Instant;
 
 use session::AckState;
 pub use session::{Delivery, Enqueued, Session};
+pub(crate) use shared::Committed;
 use subscriptions::SubscriptionIndex;
 
 use crate::config::ServerConfig;
@@ -71,6 +72,8 @@ pub struct ConnectPlan {
     pub reply: Message,
     /// `Some(t)`: hold up to `t` for messages; `None`: answer at once.
     pub hold: Option<Duration>,
+    /// The batch the connect confirms (ack extension), if it says.
+    pub client_ack: Option<u64>,
 }
 
 /// How a held long-poll connect ended.
@@ -126,6 +129,10 @@ pub struct Broker {
     next_seq: AtomicU64,
     /// The engine is shared by several nodes: keep session records for adoption.
     shared: bool,
+    /// This node's name in the shared engine (owner of the sessions it serves).
+    node_id: String,
+    /// Cursor commits for the shared engine, batched by one task (see `shared.rs`).
+    commits: shared::Committer,
     metrics: Arc<Metrics>,
     shutdown_tx: watch::Sender<bool>,
 }
@@ -161,6 +168,8 @@ impl Broker {
         let shared = engine.shared();
         Arc::new(Broker {
             shared,
+            node_id: format!("{:032x}", rand::random::<u128>()),
+            commits: shared::Committer::new(),
             config,
             dialect,
             engine,
@@ -178,6 +187,9 @@ impl Broker {
 
     /// Starts the fan-out, sweeper and retention tasks. They end at [`Broker::shutdown`].
     pub fn start(self: &Arc<Self>) {
+        if self.shared {
+            self.start_committer();
+        }
         let mut feed = self.engine.feed();
         let broker = Arc::downgrade(self);
         let mut stop = self.shutdown_tx.subscribe();
@@ -607,6 +619,7 @@ impl Broker {
             session,
             reply: reply.ok(),
             hold,
+            client_ack: message.ext_get("ack").and_then(Value::as_u64),
         })
     }
 
@@ -1287,6 +1300,11 @@ impl Broker {
             .collect();
         for session in expired {
             tracing::debug!(client_id = session.id(), "session expired");
+            if self.shared {
+                // Only this node's copy: the client may be served elsewhere now, or come back
+                // within the record's life. Its cursors go into the record.
+                self.release(&session);
+            }
             self.remove_session(&session, CloseReason::Expired);
         }
         // Close reasons are needed only while a request may still look at the session.

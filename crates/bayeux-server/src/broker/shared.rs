@@ -1,27 +1,32 @@
 //! Sessions on a shared engine (several nodes, one Redis): any node serves any client.
 //!
 //! Each session has a record in the engine: its subscriptions, its per-channel cursors (the last
-//! replay ID delivered) and an `epoch` that changes whenever a node saves the record after
-//! serving the client. Before a node handles a message for a session, it reads the record:
-//! - no local copy (the client was served elsewhere, or this node restarted): the node **adopts**
-//!   the session: it subscribes it locally and queues the history after its cursors;
-//! - a local copy with another epoch (another node served the client since): the copy is stale
-//!   (its queue holds what the other node already delivered), so it is rebuilt the same way;
-//! - no record: the session ended (disconnected or expired everywhere).
-//!
-//! After a connect that delivered something, the node writes the record with a new epoch by
-//! compare-and-set on the epoch it had ([`Engine::replace_session`]). The cursors it writes are
-//! what left the queue for a response (`State::delivered`), not what is queued. If another node
-//! changed the record meanwhile, the node merges into the stored record instead (cursors only move
-//! forward; its own subscribe or unsubscribe is applied) and leaves its copy stale, so that the
-//! next request rebuilds it: no node ever undoes another's change. With the ack extension the
-//! record also keeps the newest batch sent and where the confirmed deliveries end (cursor keys
-//! `#ack` and `#<channel>`), so that a node adopting the session for a connect that did not
-//! confirm that batch sends it again. A connect that delivered nothing writes nothing.
+//! replay ID sent), the node that **owns** it (served it last) and an `epoch` that changes
+//! whenever a node takes it. The owner keeps its local copy and trusts it: serving a client
+//! that stays on its node costs no engine round trip per request. What it sends goes into the
+//! engine as **cursor commits**, batched over all its sessions by one task ([`Committer`]), one
+//! engine operation per batch whatever the number of sessions, and a long-polling response
+//! leaves only after its commit.
+//! - A request for a session with no local copy, or a stale one (epoch 0), **claims** it
+//!   ([`Engine::claim_session`]): the node becomes its owner, gets the cursors the previous
+//!   owner last committed, subscribes its copy locally and queues the history after those
+//!   cursors (a stale copy is rebuilt in place, so a connect held on it goes on). No record:
+//!   the session ended everywhere.
+//! - The previous owner learns that the session was taken from the result of its next commit
+//!   (at least one a second) and marks its copy stale. A commit for a session taken meanwhile
+//!   is refused, so a long-polling response built from a stale copy never leaves: the node
+//!   claims the session back, rebuilds the copy and takes again.
+//! - Subscribes and unsubscribes write the record by compare-and-set on the epoch
+//!   ([`Engine::replace_session`]); if another node took the session meanwhile, the change is
+//!   merged into the stored record and the copy is left stale. No node undoes another's change.
+//! - With the ack extension the cursors also keep the newest batch sent and where the confirmed
+//!   deliveries end (cursor keys `#ack` and `#<channel>`), so that a node taking the session
+//!   for a connect that did not confirm that batch sends it again.
 //!
 //! Engines that are not shared (memory, disk) skip all of this. Guarantees and costs:
 //! `docs/scaleout.md`.
 //!
+//! [`Engine::claim_session`]: bayeux_engine::Engine::claim_session
 //! [`Engine::replace_session`]: bayeux_engine::Engine::replace_session
 
 use std::collections::{BTreeMap, HashMap};
@@ -29,12 +34,56 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bayeux_engine::SessionRecord;
+use bayeux_engine::{CursorCommit, SessionRecord};
 use bayeux_protocol::ChannelName;
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::session::{AckState, State};
-use super::{Broker, CloseReason, ReplayFrom, Session};
+use super::{Broker, CloseReason, ReplayFrom, Session, stopped};
+
+/// The most sessions in one cursor commit.
+const COMMIT_BATCH: usize = 1_000;
+/// How often the committer commits even with nothing to commit: it learns which sessions other
+/// nodes took and keeps this node's commits alive in the engine.
+const COMMIT_TICK: Duration = Duration::from_secs(1);
+
+/// How a cursor commit ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Committed {
+    /// Recorded (or nothing to record).
+    Done,
+    /// Another node took the session: this copy is stale and what it took must not be sent.
+    Taken,
+    /// The engine failed; nothing is known.
+    Failed,
+}
+
+struct CommitRequest {
+    session: Arc<Session>,
+    /// The copy's epoch when the commit was asked for; a copy claimed or marked stale since
+    /// is not committed.
+    epoch: u64,
+    commit: CursorCommit,
+    done: Option<oneshot::Sender<Committed>>,
+}
+
+/// The queue of cursor commits, drained by one task ([`Broker::start_committer`]).
+pub(crate) struct Committer {
+    tx: mpsc::UnboundedSender<CommitRequest>,
+    rx: Mutex<Option<mpsc::UnboundedReceiver<CommitRequest>>>,
+}
+
+impl Committer {
+    pub(crate) fn new() -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Committer {
+            tx,
+            rx: Mutex::new(Some(rx)),
+        }
+    }
+}
 
 impl Broker {
     /// How long a session record lives without being saved: long enough to outlive a held
@@ -77,7 +126,141 @@ impl Broker {
             cursors,
             extensions,
             epoch: session.epoch.load(Ordering::Acquire),
+            owner: Some(self.node_id.clone()),
         }
+    }
+
+    /// Starts the task that commits cursors in batches (shared engines).
+    pub(crate) fn start_committer(self: &Arc<Self>) {
+        let Some(mut rx) = self.commits.rx.lock().take() else {
+            return;
+        };
+        let broker = Arc::downgrade(self);
+        let mut stop = self.shutdown_signal();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(COMMIT_TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let batch = tokio::select! {
+                    first = rx.recv() => {
+                        let Some(first) = first else { break };
+                        let mut batch = vec![first];
+                        while batch.len() < COMMIT_BATCH {
+                            match rx.try_recv() {
+                                Ok(next) => batch.push(next),
+                                Err(_) => break,
+                            }
+                        }
+                        batch
+                    }
+                    _ = tick.tick() => Vec::new(),
+                    _ = stopped(&mut stop) => break,
+                };
+                let Some(broker) = broker.upgrade() else {
+                    break;
+                };
+                broker.run_commits(batch).await;
+            }
+        });
+    }
+
+    /// One engine operation for a batch of commits: records them, learns which sessions other
+    /// nodes took (their copies here turn stale), and answers every request.
+    async fn run_commits(&self, batch: Vec<CommitRequest>) {
+        let mut live = Vec::with_capacity(batch.len());
+        for request in batch {
+            // Taken (or rebuilt) since it was asked for: a result of an earlier batch.
+            if !request.commit.release
+                && request.session.epoch.load(Ordering::Acquire) != request.epoch
+            {
+                if let Some(done) = request.done {
+                    let _ = done.send(Committed::Taken);
+                }
+                continue;
+            }
+            live.push(request);
+        }
+        let commits: Vec<CursorCommit> = live.iter().map(|r| r.commit.clone()).collect();
+        let result = self
+            .engine
+            .commit_cursors(&self.node_id, &commits, self.record_ttl())
+            .await;
+        let outcome = match result {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                tracing::warn!(error = %e, sessions = live.len(), "committing cursors failed");
+                for request in live {
+                    if let Some(done) = request.done {
+                        let _ = done.send(Committed::Failed);
+                    }
+                }
+                return;
+            }
+        };
+        for id in &outcome.taken {
+            if let Some(local) = self.session(id) {
+                tracing::debug!(client_id = id, "session taken by another node");
+                local.epoch.store(0, Ordering::Release);
+            }
+        }
+        for id in &outcome.ended {
+            if let Some(local) = self.session(id) {
+                // Disconnected through another node: a connect held here learns it now.
+                tracing::debug!(client_id = id, "session ended on another node");
+                self.remove_session(&local, CloseReason::Expired);
+            }
+        }
+        for request in live {
+            let id = &request.commit.client_id;
+            let outcome = if outcome.taken.contains(id) || outcome.ended.contains(id) {
+                Committed::Taken
+            } else {
+                Committed::Done
+            };
+            if let Some(done) = request.done {
+                let _ = done.send(outcome);
+            }
+        }
+    }
+
+    /// Commits what this copy has sent, in the committer's next batch, and waits for it.
+    async fn commit(&self, session: &Arc<Session>) -> Committed {
+        let epoch = session.epoch.load(Ordering::Acquire);
+        if epoch == 0 {
+            return Committed::Taken;
+        }
+        let commit = CursorCommit {
+            client_id: session.id().to_owned(),
+            cursors: self.record_of(session).cursors,
+            release: false,
+        };
+        let (done, outcome) = oneshot::channel();
+        let request = CommitRequest {
+            session: session.clone(),
+            epoch,
+            commit,
+            done: Some(done),
+        };
+        if self.commits.tx.send(request).is_err() {
+            return Committed::Failed;
+        }
+        outcome.await.unwrap_or(Committed::Failed)
+    }
+
+    /// This node stops serving `session` (its copy expired here): its cursors go into the
+    /// record, so that the client can come back to any node within the record's life.
+    pub(crate) fn release(&self, session: &Arc<Session>) {
+        let commit = CursorCommit {
+            client_id: session.id().to_owned(),
+            cursors: self.record_of(session).cursors,
+            release: true,
+        };
+        let _ = self.commits.tx.send(CommitRequest {
+            session: session.clone(),
+            epoch: 0,
+            commit,
+            done: None,
+        });
     }
 
     fn next_epoch() -> u64 {
@@ -100,26 +283,33 @@ impl Broker {
         }
     }
 
-    /// After a connect was answered: merge what was delivered into the record and save it with
-    /// a new epoch, so another node can take over exactly here.
-    pub async fn commit_delivery(&self, session: &Session) {
+    /// After a response was built (long-polling: before it leaves; WebSocket: after the frame
+    /// went out): commits what the copy sent, so another node can take over exactly here, and
+    /// keeps the record alive. [`Committed::Taken`]: another node served the client since this
+    /// copy was made; what was taken must not be sent (see [`Broker::resync`]).
+    pub(crate) async fn commit_delivery(&self, session: &Arc<Session>) -> Committed {
         if !self.shared || session.is_closed() {
-            return;
+            return Committed::Done;
         }
-        let (changed, saved) = {
+        let (generation, changed, saved) = {
             let st = session.state.lock();
             (
+                st.delivered_generation,
                 st.delivered_generation != st.record_generation,
                 st.record_saved,
             )
         };
-        if !changed {
-            // Nothing delivered since the record was written (a hold that timed out, say):
-            // leave it as it is, and only keep it alive once it is getting old.
-            let refresh = self.config.timeouts.max_interval();
-            if saved.is_some_and(|t| t.elapsed() < refresh) {
-                return;
+        let mut outcome = Committed::Done;
+        if changed {
+            outcome = self.commit(session).await;
+            if outcome == Committed::Done {
+                session.state.lock().record_generation = generation;
             }
+        }
+        // The record itself is written only when the session changes; keep it alive once it is
+        // getting old (per session and time, not per message).
+        let refresh = self.config.timeouts.max_interval();
+        if outcome != Committed::Taken && saved.is_none_or(|t| t.elapsed() >= refresh) {
             match self
                 .engine
                 .touch_session(session.id(), self.record_ttl())
@@ -130,16 +320,22 @@ impl Broker {
                     tracing::warn!(client_id = session.id(), error = %e, "touching session failed")
                 }
             }
-            return;
         }
-        self.update_record(session, Change::Delivery).await;
+        outcome
+    }
+
+    /// After a commit said [`Committed::Taken`]: claims the session back and rebuilds the copy
+    /// in place (its queue then holds what the client has not had, from any node).
+    pub(crate) async fn resync(&self, session: &Arc<Session>, client_ack: Option<u64>) {
+        session.epoch.store(0, Ordering::Release);
+        self.sync_session(session.id(), client_ack).await;
     }
 
     /// Saves the record of `session` after a subscribe (`added`) or an unsubscribe (`removed`)
     /// of `channels`.
     pub(crate) async fn save_subscriptions(
         &self,
-        session: &Session,
+        session: &Arc<Session>,
         channels: &[String],
         added: bool,
     ) {
@@ -161,7 +357,7 @@ impl Broker {
     ///   subscription change of this request is applied to the stored subscriptions) and leave
     ///   this copy stale, so that its next request rebuilds it from the record. Retried a few
     ///   times if yet another node writes in between.
-    async fn update_record(&self, session: &Session, change: Change<'_>) {
+    async fn update_record(&self, session: &Arc<Session>, change: Change<'_>) {
         // Taken before the record: a delivery in between is written again next time.
         let generation = session.state.lock().delivered_generation;
         let saved = || {
@@ -177,6 +373,9 @@ impl Broker {
             Ok(true) => {
                 session.epoch.store(record.epoch, Ordering::Release);
                 saved();
+                // This node's commit for the session follows the record (a channel subscribed
+                // again starts at its new position).
+                self.commit(session).await;
                 return;
             }
             Ok(false) => {}
@@ -185,6 +384,8 @@ impl Broker {
                 return;
             }
         }
+        // Another node took the session: this copy is stale whatever happens below.
+        session.epoch.store(0, Ordering::Release);
         for _ in 0..4 {
             let mut stored = match self.engine.load_session(session.id()).await {
                 Ok(Some(r)) => r,
@@ -206,7 +407,6 @@ impl Broker {
                 };
             }
             match change {
-                Change::Delivery => {}
                 Change::Subscribed(channels) => {
                     for c in channels {
                         if !stored.subscriptions.contains(c) {
@@ -251,11 +451,27 @@ impl Broker {
         if !self.shared {
             return local;
         }
-        let record = match self.engine.load_session(client_id).await {
+        if let Some(local) = &local
+            && local.epoch.load(Ordering::Acquire) != 0
+        {
+            // This node owns the session as far as it knows; if another node took it, the
+            // commit of whatever this copy sends says so.
+            return Some(local.clone());
+        }
+        let claimed = self
+            .engine
+            .claim_session(
+                client_id,
+                &self.node_id,
+                Self::next_epoch(),
+                self.record_ttl(),
+            )
+            .await;
+        let record = match claimed {
             Ok(r) => r,
             Err(e) => {
                 // The engine is unreachable: serve from the local copy if there is one.
-                tracing::warn!(client_id, error = %e, "loading session failed");
+                tracing::warn!(client_id, error = %e, "claiming session failed");
                 return local;
             }
         };
@@ -265,11 +481,6 @@ impl Broker {
             }
             return None;
         };
-        if let Some(local) = &local
-            && local.epoch.load(Ordering::Acquire) == record.epoch
-        {
-            return Some(local.clone());
-        }
         Some(self.adopt(record, local, client_ack).await)
     }
 
@@ -330,7 +541,8 @@ impl Broker {
             st.delivered = cursors.clone();
             // The copy matches the record now.
             st.record_generation = st.delivered_generation;
-            st.record_saved = None;
+            // The claim extended the record's life.
+            st.record_saved = Some(Instant::now());
             st.subscriptions = patterns.iter().map(|p| Arc::from(p.as_str())).collect();
             // Live messages wait until the history after the cursors is queued.
             st.replaying = patterns.iter().map(|p| Arc::from(p.as_str())).collect();
@@ -400,8 +612,6 @@ const CONFIRMED: &str = "#";
 /// What a record update carries besides the cursors.
 #[derive(Clone, Copy)]
 enum Change<'a> {
-    /// A connect was answered.
-    Delivery,
     /// These channels were subscribed.
     Subscribed(&'a [String]),
     /// These channels were unsubscribed.

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use bayeux_protocol::{DecodeError, ErrorKind, Message, decode_batch};
 use bytes::Bytes;
 
-use crate::broker::{Broker, ConnectPlan, HoldEnd, Processed};
+use crate::broker::{Broker, Committed, ConnectPlan, HoldEnd, Processed};
 
 /// The JSON content type of every Bayeux response.
 pub const JSON: &str = "application/json;charset=UTF-8";
@@ -147,6 +147,10 @@ pub(crate) async fn answer_http(
 }
 
 /// The end of [`answer_http`], once the hold is over.
+/// How often a long-polling response is rebuilt when its session turns out to have been taken
+/// by another node (shared engines), before it is sent as it is.
+const MAX_RESYNCS: u32 = 3;
+
 async fn finish_http(
     broker: &Arc<Broker>,
     replies: Vec<Message>,
@@ -189,10 +193,21 @@ async fn finish_http(
             }
         }
         HoldEnd::Messages | HoldEnd::Timeout | HoldEnd::Shutdown => {
-            broker.take_for_connect(&plan.session, &mut reply)
+            let mut attempts = 1;
+            loop {
+                let deliveries = broker.take_for_connect(&plan.session, &mut reply);
+                // Shared engines: the response leaves only once what it carries is committed.
+                let outcome = broker.commit_delivery(&plan.session).await;
+                if outcome != Committed::Taken || attempts == MAX_RESYNCS {
+                    break deliveries;
+                }
+                // Another node served the client since this copy was made: what was taken may
+                // have been sent already. Claim the session back and take again.
+                attempts += 1;
+                broker.resync(&plan.session, plan.client_ack).await;
+            }
         }
     };
-    broker.commit_delivery(&plan.session).await;
     (
         StatusCode::OK,
         build_body(&replies, &deliveries, Some(&reply)),

@@ -82,7 +82,8 @@ impl Conn {
         if let Some(session) = &self.bound {
             // Boxed: these run briefly, but inline they would grow the future of every idle
             // connection.
-            Box::pin(self.broker.commit_delivery(session)).await;
+            // Taken by another node: the copy is stale now and the next frame claims it back.
+            let _ = Box::pin(self.broker.commit_delivery(session)).await;
             if let Err(e) = Box::pin(self.broker.refill(session)).await {
                 tracing::warn!(client_id = session.id(), error = %e, "replay refill failed");
             }

@@ -311,4 +311,41 @@ pub async fn ownership(engine: Arc<dyn Engine>) {
     assert_eq!(at(&claimed, "/a"), Some(4));
     assert_eq!(engine.commit_cursors("A", &[], ttl).await.unwrap(), none);
     engine.remove_session("s2").await.unwrap();
+    // An owned record outlives its TTL (its owner keeps it alive by committing); once its
+    // owner has been silent for longer than the TTL, the next commit of any node releases it
+    // with the owner's cursors, and then it expires.
+    let short = Duration::from_millis(300);
+    let s3 = SessionRecord {
+        client_id: "s3".into(),
+        subscriptions: vec!["/a".into()],
+        cursors: [("/a".to_owned(), 1)].into_iter().collect(),
+        extensions: vec![],
+        epoch: 1,
+        owner: Some("C".into()),
+    };
+    engine.save_session(&s3, short).await.unwrap();
+    engine
+        .commit_cursors("C", &[commit("s3", 8, false)], short)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let kept = engine
+        .load_session("s3")
+        .await
+        .unwrap()
+        .expect("owned: no TTL");
+    assert_eq!(kept.owner.as_deref(), Some("C"));
+    engine.commit_cursors("D", &[], short).await.unwrap();
+    let swept = engine
+        .load_session("s3")
+        .await
+        .unwrap()
+        .expect("swept, not gone");
+    assert_eq!((at(&swept, "/a"), swept.owner), (Some(8), None));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        engine.load_session("s3").await.unwrap(),
+        None,
+        "then the TTL"
+    );
 }

@@ -189,7 +189,10 @@ pub trait Engine: Send + Sync + 'static {
     /// Removes what `retention` no longer keeps, as of `now`.
     async fn trim(&self, retention: &Retention, now: SystemTime) -> Result<TrimStats, EngineError>;
 
-    /// Stores (or replaces) a session record that lives for `ttl` unless touched.
+    /// Stores (or replaces) a session record that lives for `ttl` unless touched. A shared
+    /// engine keeps a record that has an owner (see [`claim_session`](Engine::claim_session))
+    /// for as long as that node commits (see [`commit_cursors`](Engine::commit_cursors)); the
+    /// TTL applies once it has none.
     async fn save_session(&self, record: &SessionRecord, ttl: Duration) -> Result<(), EngineError>;
 
     /// Loads a session record that has not expired.
@@ -229,8 +232,8 @@ pub trait Engine: Send + Sync + 'static {
     /// stored) and the freshest cursors: those its previous owner last committed with
     /// [`commit_cursors`](Engine::commit_cursors), completed by the record's own for channels
     /// the owner committed nothing for. That owner, if another node, finds `client_id` among
-    /// the sessions its next `commit_cursors` reports as taken. The record's life is extended
-    /// by `ttl`.
+    /// the sessions its next `commit_cursors` reports as taken. On a shared engine the record
+    /// then lives as long as `node` commits; `ttl` is for engines without owners.
     ///
     /// The default (for engines one node uses) loads, sets owner and epoch, and saves.
     async fn claim_session(
@@ -253,8 +256,10 @@ pub trait Engine: Send + Sync + 'static {
     /// batch on a shared engine, so that the cost per published message does not grow with
     /// the number of subscribers. Returns the sessions taken from `node` (claimed by another
     /// node) and those removed since its previous call; their commits in this batch are not
-    /// recorded. A shared engine keeps `node`'s commits for `ttl` after the last call, so a
-    /// node calls this at least every few seconds, with an empty batch if need be.
+    /// recorded. Each call is also `node`'s heartbeat: a shared engine treats a node silent
+    /// for longer than `ttl` as dead and releases its sessions (their records get their
+    /// committed cursors, no owner, and the TTL `ttl`), so a node calls this at least every few
+    /// seconds, with an empty batch if need be.
     ///
     /// The default (for engines one node uses) writes each record's cursors and reports
     /// nothing taken.

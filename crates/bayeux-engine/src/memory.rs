@@ -41,7 +41,8 @@ pub struct MemoryEngine {
 /// in one process can share a memory engine, as nodes share Redis).
 #[derive(Default)]
 struct Sessions {
-    records: HashMap<String, (SessionRecord, Instant)>,
+    /// Each record with its expiry; `None` while a node owns it.
+    records: HashMap<String, (SessionRecord, Option<Instant>)>,
     nodes: HashMap<String, NodeCommits>,
 }
 
@@ -52,6 +53,8 @@ struct NodeCommits {
     taken: HashSet<String>,
     /// Sessions of the node removed since its last commit.
     ended: HashSet<String>,
+    /// Its last commit.
+    heartbeat: Option<Instant>,
 }
 
 impl Sessions {
@@ -59,7 +62,7 @@ impl Sessions {
         if self
             .records
             .get(client_id)
-            .is_some_and(|(_, expires)| *expires <= Instant::now())
+            .is_some_and(|(_, expires)| expires.is_some_and(|e| e <= Instant::now()))
         {
             self.records.remove(client_id);
         }
@@ -86,6 +89,23 @@ impl Sessions {
             Some(_) => {}
         }
         committed
+    }
+
+    /// `node` no longer serves `client_id`: the record gets `cursors`, no owner, and `ttl`.
+    fn release(
+        &mut self,
+        client_id: &str,
+        node: &str,
+        cursors: BTreeMap<String, ReplayId>,
+        ttl: Duration,
+    ) {
+        if let Some((record, expires)) = self.records.get_mut(client_id)
+            && record.owner.as_deref() == Some(node)
+        {
+            record.cursors = cursors;
+            record.owner = None;
+            *expires = Some(Instant::now() + ttl);
+        }
     }
 }
 
@@ -211,11 +231,42 @@ impl Engine for MemoryEngine {
     }
 
     async fn save_session(&self, record: &SessionRecord, ttl: Duration) -> Result<(), EngineError> {
-        self.sessions.lock().records.insert(
-            record.client_id.clone(),
-            (record.clone(), Instant::now() + ttl),
-        );
+        let mut sessions = self.sessions.lock();
+        let expires = match &record.owner {
+            Some(owner) => {
+                sessions
+                    .nodes
+                    .entry(owner.clone())
+                    .or_default()
+                    .cursors
+                    .insert(record.client_id.clone(), record.cursors.clone());
+                None
+            }
+            None => Some(Instant::now() + ttl),
+        };
+        sessions
+            .records
+            .insert(record.client_id.clone(), (record.clone(), expires));
         Ok(())
+    }
+
+    async fn replace_session(
+        &self,
+        record: &SessionRecord,
+        expected: u64,
+        ttl: Duration,
+    ) -> Result<bool, EngineError> {
+        let mut sessions = self.sessions.lock();
+        match sessions.live(&record.client_id) {
+            Some(current) if current.epoch == expected => {
+                let expires = record.owner.is_none().then(|| Instant::now() + ttl);
+                sessions
+                    .records
+                    .insert(record.client_id.clone(), (record.clone(), expires));
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     async fn load_session(&self, client_id: &str) -> Result<Option<SessionRecord>, EngineError> {
@@ -224,7 +275,7 @@ impl Engine for MemoryEngine {
 
     async fn touch_session(&self, client_id: &str, ttl: Duration) -> Result<(), EngineError> {
         if let Some((_, expires)) = self.sessions.lock().records.get_mut(client_id) {
-            *expires = Instant::now() + ttl;
+            *expires = Some(Instant::now() + ttl);
         }
         Ok(())
     }
@@ -260,9 +311,10 @@ impl Engine for MemoryEngine {
         mine.ended.remove(client_id);
         mine.cursors
             .insert(client_id.to_owned(), record.cursors.clone());
+        let _ = ttl;
         sessions
             .records
-            .insert(client_id.to_owned(), (record.clone(), Instant::now() + ttl));
+            .insert(client_id.to_owned(), (record.clone(), None));
         Ok(Some(record))
     }
 
@@ -270,10 +322,12 @@ impl Engine for MemoryEngine {
         &self,
         node: &str,
         commits: &[CursorCommit],
-        _ttl: Duration,
+        ttl: Duration,
     ) -> Result<CommitOutcome, EngineError> {
         let mut sessions = self.sessions.lock();
+        let now = Instant::now();
         let mine = sessions.nodes.entry(node.to_owned()).or_default();
+        mine.heartbeat = Some(now);
         let taken = std::mem::take(&mut mine.taken);
         let ended = std::mem::take(&mut mine.ended);
         for commit in commits
@@ -283,15 +337,24 @@ impl Engine for MemoryEngine {
             let mine = sessions.nodes.entry(node.to_owned()).or_default();
             if commit.release {
                 mine.cursors.remove(&commit.client_id);
-                if let Some(record) = sessions.live(&commit.client_id)
-                    && record.owner.as_deref() == Some(node)
-                {
-                    record.cursors = commit.cursors.clone();
-                    record.owner = None;
-                }
+                sessions.release(&commit.client_id, node, commit.cursors.clone(), ttl);
             } else {
                 mine.cursors
                     .insert(commit.client_id.clone(), commit.cursors.clone());
+            }
+        }
+        // A node silent for longer than `ttl` is dead: release its sessions.
+        let dead: Vec<String> = sessions
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.heartbeat.is_some_and(|h| now.duration_since(h) > ttl))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in dead {
+            if let Some(gone) = sessions.nodes.remove(&name) {
+                for (id, cursors) in gone.cursors {
+                    sessions.release(&id, &name, cursors, ttl);
+                }
             }
         }
         let sorted = |set: HashSet<String>| {

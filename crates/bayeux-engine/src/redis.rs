@@ -21,12 +21,16 @@
 //!   XRANGEs whatever it has not fed yet; a notification that skips IDs is preceded by an
 //!   XRANGE of the gap, and one at or below the last fed ID is a duplicate and dropped. The feed
 //!   thus yields every retained message once, in replay-ID order per channel.
-//! * **Sessions** are hashes `{prefix}session:{clientId}` with a `PEXPIRE` TTL, naming their
-//!   `owner` node. A node's cursor commits for the sessions it owns are one hash,
-//!   `{prefix}node:{node}` (field: clientId), written by one script per batch, so their cost
-//!   does not grow with subscribers; a claim moves the session's entry to the claiming node and
-//!   adds the id to the previous owner's set `{prefix}node:{owner}:taken` (a removal, to
-//!   `…:ended`), which that owner's next commit reads and empties.
+//! * **Sessions** are hashes `{prefix}session:{clientId}` naming their `owner` node. A node's
+//!   cursor commits for the sessions it owns are one hash, `{prefix}node:{node}` (field:
+//!   clientId), written by one script per batch, so their cost does not grow with subscribers;
+//!   a claim moves the session's entry to the claiming node and adds the id to the previous
+//!   owner's set `{prefix}node:{owner}:taken` (a removal, to `…:ended`), which that owner's
+//!   next commit reads and empties. A record with a live owner has no TTL (so keeping it alive
+//!   costs nothing per session); one without (released by a node whose copy expired, or
+//!   swept from a dead node) has a `PEXPIRE` TTL. Every commit is also its node's heartbeat in
+//!   the sorted set `{prefix}nodes`; a node silent for longer than the TTL is dead, and the next
+//!   commit of any node sweeps it.
 //! * **Faults.** Every operation is bounded by [`RedisOptions::op_timeout`] and fails with
 //!   [`EngineError::Unavailable`] while Redis is unreachable; the connection is re-established
 //!   in the background. An append that fails was not acknowledged; one that timed out may or may
@@ -160,10 +164,11 @@ redis.call('HSET', KEYS[1], 'client_id', ARGV[2], 'subscriptions', ARGV[3], 'cur
   'extensions', ARGV[5], 'epoch', ARGV[6])
 if ARGV[8] == '' then
   redis.call('HDEL', KEYS[1], 'owner')
+  redis.call('PEXPIRE', KEYS[1], ARGV[7])
 else
   redis.call('HSET', KEYS[1], 'owner', ARGV[8])
+  redis.call('PERSIST', KEYS[1])
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[7])
 return 1
 "#;
 
@@ -172,14 +177,17 @@ return 1
 const TAKEN_TTL: Duration = Duration::from_secs(600);
 
 /// Claims a session for a node. KEYS[1]: the record. ARGV: node key prefix, client id, node,
-/// new epoch, TTL in ms, TTL of a node's "taken" set in ms. Returns `false` if there is no
-/// record, else `{record fields, the owner's commit or false}`.
+/// new epoch, (unused), TTL of a node's "taken" set in ms. Returns `false` if there is no
+/// record, else `{record fields, the owner's commit or false}`. The record loses its TTL (a
+/// live owner keeps it) and the claiming node's commit for it starts as the previous owner's
+/// (or the record's cursors).
 const CLAIM_SESSION_LUA: &str = r#"
 local fields = redis.call('HGETALL', KEYS[1])
 if #fields == 0 then return false end
-local owner = nil
+local owner, cursors = nil, '{}'
 for i = 1, #fields, 2 do
-  if fields[i] == 'owner' then owner = fields[i + 1] end
+  if fields[i] == 'owner' then owner = fields[i + 1]
+  elseif fields[i] == 'cursors' then cursors = fields[i + 1] end
 end
 local committed = false
 if owner then
@@ -194,22 +202,25 @@ end
 local mine = ARGV[1] .. ARGV[3]
 redis.call('SREM', mine .. ':taken', ARGV[2])
 redis.call('SREM', mine .. ':ended', ARGV[2])
-if committed then
-  redis.call('HSET', mine, ARGV[2], committed)
-  redis.call('PEXPIRE', mine, ARGV[5])
-end
+redis.call('HSET', mine, ARGV[2], committed or cursors)
 redis.call('HSET', KEYS[1], 'owner', ARGV[3], 'epoch', ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PERSIST', KEYS[1])
 return {fields, committed}
 "#;
 
-/// Commits a node's cursors. KEYS: the node's commits hash, its "taken" and "ended" sets.
-/// ARGV: TTL in ms, session key prefix, node, then per session: client id, cursors, release
-/// (`1`/`0`). Returns `{taken, ended}`: the ids in the node's "taken" and "ended" sets (which
-/// it empties); their commits are skipped.
-/// A constant number of commands for any batch (a release costs a few more: it writes the
-/// record).
+/// Commits a node's cursors. KEYS: the node's commits hash, its "taken" and "ended" sets, the
+/// nodes' heartbeat sorted set. ARGV: TTL in ms, session key prefix, node, node key prefix,
+/// then per session: client id, cursors, release (`1`/`0`). Returns `{taken, ended}`: the ids
+/// in the node's "taken" and "ended" sets (which it empties); their commits are skipped.
+/// Also the node's heartbeat, and the sweep of nodes (up to 16 per call) silent for longer than the TTL (dead):
+/// its sessions' records get their cursors from its commits, lose their owner and get the
+/// TTL. A constant number of commands for any batch (a release, or a dead node's sessions,
+/// cost a few more each: they write records).
 const COMMIT_CURSORS_LUA: &str = r#"
+local ttl = tonumber(ARGV[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[4], now, ARGV[3])
 local taken = redis.call('SMEMBERS', KEYS[2])
 local ended = redis.call('SMEMBERS', KEYS[3])
 local gone = {}
@@ -218,17 +229,20 @@ if #taken > 0 or #ended > 0 then
   for _, id in ipairs(taken) do gone[id] = true end
   for _, id in ipairs(ended) do gone[id] = true end
 end
+local function release(record, owner, cursors)
+  if redis.call('HGET', record, 'owner') == owner then
+    redis.call('HSET', record, 'cursors', cursors)
+    redis.call('HDEL', record, 'owner')
+    redis.call('PEXPIRE', record, ttl)
+  end
+end
 local set, del = {}, {}
-for i = 4, #ARGV, 3 do
+for i = 5, #ARGV, 3 do
   local id = ARGV[i]
   if not gone[id] then
     if ARGV[i + 2] == '1' then
       del[#del + 1] = id
-      local record = ARGV[2] .. id
-      if redis.call('HGET', record, 'owner') == ARGV[3] then
-        redis.call('HSET', record, 'cursors', ARGV[i + 1])
-        redis.call('HDEL', record, 'owner')
-      end
+      release(ARGV[2] .. id, ARGV[3], ARGV[i + 1])
     else
       set[#set + 1] = id
       set[#set + 1] = ARGV[i + 1]
@@ -237,7 +251,15 @@ for i = 4, #ARGV, 3 do
 end
 if #set > 0 then redis.call('HSET', KEYS[1], unpack(set)) end
 if #del > 0 then redis.call('HDEL', KEYS[1], unpack(del)) end
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
+for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now - ttl, 'LIMIT', 0, 16)) do
+  local theirs = ARGV[4] .. node
+  local entries = redis.call('HGETALL', theirs)
+  for i = 1, #entries, 2 do
+    release(ARGV[2] .. entries[i], node, entries[i + 1])
+  end
+  redis.call('DEL', theirs, theirs .. ':taken', theirs .. ':ended')
+  redis.call('ZREM', KEYS[4], node)
+end
 return {taken, ended}
 "#;
 
@@ -320,6 +342,8 @@ struct Keys {
     prefix: String,
     channels: String,
     feed: String,
+    /// Sorted set: node → time of its last commit (ms), to find dead nodes.
+    nodes: String,
 }
 
 impl Keys {
@@ -328,6 +352,7 @@ impl Keys {
             prefix: prefix.to_owned(),
             channels: format!("{prefix}channels"),
             feed: format!("{prefix}feed"),
+            nodes: format!("{prefix}nodes"),
         }
     }
     fn log(&self, channel: &str) -> String {
@@ -826,10 +851,23 @@ impl Engine for RedisEngine {
             .arg(to_json(&record.extensions)?)
             .arg("epoch")
             .arg(record.epoch);
-        if let Some(owner) = &record.owner {
-            hset.arg("owner").arg(owner);
+        match &record.owner {
+            Some(owner) => {
+                // A live owner keeps it; its commit for the session starts here.
+                hset.arg("owner").arg(owner).ignore();
+                pipe.cmd("PERSIST")
+                    .arg(&key)
+                    .ignore()
+                    .cmd("HSET")
+                    .arg(format!("{}{owner}", s.keys.node_prefix()))
+                    .arg(&record.client_id)
+                    .arg(to_json(&record.cursors)?)
+                    .ignore();
+            }
+            None => {
+                hset.ignore().cmd("PEXPIRE").arg(&key).arg(ms(ttl)).ignore();
+            }
         }
-        hset.ignore().cmd("PEXPIRE").arg(&key).arg(ms(ttl)).ignore();
         let mut conn = s.conn.clone();
         s.op("save_session", pipe.query_async::<()>(&mut conn))
             .await
@@ -960,9 +998,11 @@ impl Engine for RedisEngine {
         inv.key(&node_key)
             .key(format!("{node_key}:taken"))
             .key(format!("{node_key}:ended"))
+            .key(&s.keys.nodes)
             .arg(ms(ttl))
             .arg(s.keys.session_prefix())
-            .arg(node);
+            .arg(node)
+            .arg(s.keys.node_prefix());
         for commit in commits {
             inv.arg(&commit.client_id)
                 .arg(to_json(&commit.cursors)?)

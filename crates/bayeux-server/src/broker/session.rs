@@ -84,12 +84,10 @@ pub(crate) struct State {
     /// `cursors`, goes into the shared session record: a node adopting the session must
     /// re-read what was queued here but never sent.
     pub(crate) delivered: HashMap<Arc<str>, u64>,
-    /// Bumped whenever `delivered` moves; `record_generation` is the value the shared record
-    /// was last saved with, and `record_saved` when (shared engines: a connect that delivered
-    /// nothing new skips the record write).
+    /// Bumped whenever `delivered` moves; `record_generation` is the value last committed to
+    /// the shared engine (a connect that sent nothing new commits nothing).
     pub(crate) delivered_generation: u64,
     pub(crate) record_generation: u64,
-    pub(crate) record_saved: Option<Instant>,
     /// Patterns whose replay subscribe is reading history; live messages matching them wait in
     /// `deferred` until it is done.
     pub(crate) replaying: Vec<Arc<str>>,
@@ -147,7 +145,6 @@ impl Session {
                 delivered: HashMap::new(),
                 delivered_generation: 0,
                 record_generation: 0,
-                record_saved: None,
                 replaying: Vec::new(),
                 deferred: Vec::new(),
                 deferred_dropped: HashSet::new(),

@@ -38,10 +38,9 @@ use bayeux_engine::{CursorCommit, SessionRecord};
 use bayeux_protocol::ChannelName;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
 
 use super::session::{AckState, State};
-use super::{Broker, CloseReason, ReplayFrom, Session, stopped};
+use super::{Broker, CloseReason, ReplayFrom, Session};
 
 /// The most sessions in one cursor commit.
 const COMMIT_BATCH: usize = 1_000;
@@ -86,8 +85,9 @@ impl Committer {
 }
 
 impl Broker {
-    /// How long a session record lives without being saved: long enough to outlive a held
-    /// connect and the reconnect interval after it.
+    /// How long a session record lives once no node owns it (its copy expired, or its node
+    /// died or stopped), and how long a node may be silent before it counts as dead: long
+    /// enough to outlive a held connect and the reconnect interval after it.
     fn record_ttl(&self) -> Duration {
         self.config.timeouts.connect_timeout() + self.config.timeouts.max_interval() * 2
     }
@@ -135,8 +135,10 @@ impl Broker {
         let Some(mut rx) = self.commits.rx.lock().take() else {
             return;
         };
+        // Runs as long as the broker: connects answered during a shutdown are committed too. A
+        // node that stops owns its sessions until another node claims them, or finds it silent
+        // for longer than the record TTL and releases them.
         let broker = Arc::downgrade(self);
-        let mut stop = self.shutdown_signal();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(COMMIT_TICK);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -154,7 +156,6 @@ impl Broker {
                         batch
                     }
                     _ = tick.tick() => Vec::new(),
-                    _ = stopped(&mut stop) => break,
                 };
                 let Some(broker) = broker.upgrade() else {
                     break;
@@ -275,51 +276,34 @@ impl Broker {
         let mut record = self.record_of(session);
         record.epoch = Self::next_epoch();
         match self.engine.save_session(&record, self.record_ttl()).await {
-            Ok(()) => {
-                session.epoch.store(record.epoch, Ordering::Release);
-                session.state.lock().record_saved = Some(Instant::now());
-            }
+            Ok(()) => session.epoch.store(record.epoch, Ordering::Release),
             Err(e) => tracing::warn!(client_id = session.id(), error = %e, "saving session failed"),
         }
     }
 
     /// After a response was built (long-polling: before it leaves; WebSocket: after the frame
-    /// went out): commits what the copy sent, so another node can take over exactly here, and
-    /// keeps the record alive. [`Committed::Taken`]: another node served the client since this
+    /// went out): commits what the copy sent, so another node can take over exactly here.
+    /// [`Committed::Taken`]: another node served the client since this
     /// copy was made; what was taken must not be sent (see [`Broker::resync`]).
     pub(crate) async fn commit_delivery(&self, session: &Arc<Session>) -> Committed {
         if !self.shared || session.is_closed() {
             return Committed::Done;
         }
-        let (generation, changed, saved) = {
+        let (generation, changed) = {
             let st = session.state.lock();
             (
                 st.delivered_generation,
                 st.delivered_generation != st.record_generation,
-                st.record_saved,
             )
         };
-        let mut outcome = Committed::Done;
-        if changed {
-            outcome = self.commit(session).await;
-            if outcome == Committed::Done {
-                session.state.lock().record_generation = generation;
-            }
+        if !changed {
+            // Nothing sent since the last commit (a hold that timed out, say). The record needs
+            // no keeping alive: it has no TTL while this node owns it and commits.
+            return Committed::Done;
         }
-        // The record itself is written only when the session changes; keep it alive once it is
-        // getting old (per session and time, not per message).
-        let refresh = self.config.timeouts.max_interval();
-        if outcome != Committed::Taken && saved.is_none_or(|t| t.elapsed() >= refresh) {
-            match self
-                .engine
-                .touch_session(session.id(), self.record_ttl())
-                .await
-            {
-                Ok(()) => session.state.lock().record_saved = Some(Instant::now()),
-                Err(e) => {
-                    tracing::warn!(client_id = session.id(), error = %e, "touching session failed")
-                }
-            }
+        let outcome = self.commit(session).await;
+        if outcome == Committed::Done {
+            session.state.lock().record_generation = generation;
         }
         outcome
     }
@@ -360,11 +344,7 @@ impl Broker {
     async fn update_record(&self, session: &Arc<Session>, change: Change<'_>) {
         // Taken before the record: a delivery in between is written again next time.
         let generation = session.state.lock().delivered_generation;
-        let saved = || {
-            let mut st = session.state.lock();
-            st.record_generation = generation;
-            st.record_saved = Some(Instant::now());
-        };
+        let saved = || session.state.lock().record_generation = generation;
         let mine = self.record_of(session);
         let ttl = self.record_ttl();
         let mut record = mine.clone();
@@ -541,8 +521,6 @@ impl Broker {
             st.delivered = cursors.clone();
             // The copy matches the record now.
             st.record_generation = st.delivered_generation;
-            // The claim extended the record's life.
-            st.record_saved = Some(Instant::now());
             st.subscriptions = patterns.iter().map(|p| Arc::from(p.as_str())).collect();
             // Live messages wait until the history after the cursors is queued.
             st.replaying = patterns.iter().map(|p| Arc::from(p.as_str())).collect();

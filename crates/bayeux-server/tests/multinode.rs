@@ -196,6 +196,41 @@ async fn a_node_that_dies_loses_its_clients_nothing() {
     assert_eq!(got, (0..10).collect::<Vec<_>>());
 }
 
+/// Node B subscribes a session that node A took back from it moments before (B does not know
+/// yet): the subscription must reach A's copy, which serves the client's connects.
+#[tokio::test]
+async fn a_subscribe_on_a_node_whose_copy_was_taken_reaches_the_owner() {
+    let (nodes, _engine) = nodes(2).await;
+    let on = |n: usize, id: &str| {
+        let mut c = nodes[n].client();
+        c.client_id = Some(id.to_owned());
+        c
+    };
+    let mut a = nodes[0].client();
+    a.handshake().await;
+    let id = a.id().to_owned();
+    assert_eq!(a.subscribe(json!("/x")).await["successful"], true);
+    a.connect_split().await;
+    // B takes the session; once A's next commit told it, A takes it back with a connect.
+    on(1, &id).connect_split().await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let back = on(0, &id);
+    let held = tokio::spawn(async move { back.connect_split().await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // B still believes it owns the session.
+    assert_eq!(on(1, &id).subscribe(json!("/y")).await["successful"], true);
+    held.await.unwrap();
+    let ack = nodes[1].client().publish("/y", json!(7)).await;
+    assert_eq!(ack["successful"], true);
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while got.is_empty() && tokio::time::Instant::now() < deadline {
+        let replies = on(0, &id).connect().await;
+        got.extend(data(&replies, "/y"));
+    }
+    assert_eq!(got, vec![7], "the owner's copy has the subscription made on node B");
+}
+
 #[tokio::test]
 async fn a_disconnect_on_one_node_ends_the_session_everywhere() {
     let (nodes, _engine) = nodes(2).await;

@@ -393,7 +393,18 @@ impl Broker {
                 let client_ack = (message.channel == meta::CONNECT)
                     .then(|| message.ext_get("ack").and_then(Value::as_u64))
                     .flatten();
-                self.sync_session(id, client_ack).await;
+                // Publishes and disconnects need the session to exist, not its queue or its
+                // cursors: any local copy will do, stale or not (a publisher whose requests
+                // spread over nodes does not move its session around).
+                let needs_state = matches!(
+                    message.channel.as_str(),
+                    meta::CONNECT | meta::SUBSCRIBE | meta::UNSUBSCRIBE
+                );
+                if needs_state {
+                    self.sync_session(id, client_ack).await;
+                } else if self.session(id).is_none() {
+                    self.sync_session(id, None).await;
+                }
             }
             if message.channel == meta::CONNECT {
                 match self.connect(request, &message, alone) {

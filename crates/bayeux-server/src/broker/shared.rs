@@ -17,8 +17,9 @@
 //!   is refused, so a long-polling response built from a stale copy never leaves: the node
 //!   claims the session back, rebuilds the copy and takes again.
 //! - Subscribes and unsubscribes write the record by compare-and-set on the epoch
-//!   ([`Engine::replace_session`]); if another node took the session meanwhile, the change is
-//!   merged into the stored record and the copy is left stale. No node undoes another's change.
+//!   ([`Engine::replace_session`]); if another node took the session meanwhile, the node claims
+//!   it back, applies the change to the claimed state and rebuilds its copy from that. No node
+//!   undoes another's change, and the owner's copy always has every subscription.
 //! - With the ack extension the cursors also keep the newest batch sent and where the confirmed
 //!   deliveries end (cursor keys `#ack` and `#<channel>`), so that a node taking the session
 //!   for a connect that did not confirm that batch sends it again.
@@ -337,10 +338,9 @@ impl Broker {
     /// Writes this copy's state into the shared record, by compare-and-set on the epoch:
     /// - the record is still at this copy's epoch (no other node served the client since):
     ///   replace it with this copy's state, under a new epoch that this copy takes;
-    /// - another node changed it: merge into the stored record (cursors only move forward; the
-    ///   subscription change of this request is applied to the stored subscriptions) and leave
-    ///   this copy stale, so that its next request rebuilds it from the record. Retried a few
-    ///   times if yet another node writes in between.
+    /// - another node took the session: claim it back, apply this request's subscription
+    ///   change to the claimed state, write that by compare-and-set, and rebuild this copy from
+    ///   it. Retried a few times if yet another node writes in between.
     async fn update_record(&self, session: &Arc<Session>, change: Change<'_>) {
         // Taken before the record: a delivery in between is written again next time.
         let generation = session.state.lock().delivered_generation;
@@ -364,45 +364,46 @@ impl Broker {
                 return;
             }
         }
-        // Another node took the session: this copy is stale whatever happens below.
+        // Another node took the session since this copy was made: take it back (its owner
+        // learns it, and what it committed comes with it), apply this request's change to
+        // that state, and rebuild this copy from the result. Writing the change into the record
+        // behind the owner's back would leave the owner's copy without it.
         session.epoch.store(0, Ordering::Release);
         for _ in 0..4 {
-            let mut stored = match self.engine.load_session(session.id()).await {
+            let claimed = self
+                .engine
+                .claim_session(session.id(), &self.node_id, Self::next_epoch(), ttl)
+                .await;
+            let claimed = match claimed {
                 Ok(Some(r)) => r,
                 // Ended elsewhere (disconnected or expired): nothing to keep.
                 Ok(None) => return,
                 Err(e) => {
-                    tracing::warn!(client_id = session.id(), error = %e, "loading session failed");
+                    tracing::warn!(client_id = session.id(), error = %e, "claiming session failed");
                     return;
                 }
             };
-            // The unconfirmed batch (ack extension) is this copy's, if it has one.
-            stored.cursors.retain(|c, _| !c.starts_with('#'));
-            for (channel, id) in &mine.cursors {
-                let cursor = stored.cursors.entry(channel.clone()).or_insert(0);
-                *cursor = if channel.starts_with('#') {
-                    *id
-                } else {
-                    (*cursor).max(*id)
-                };
-            }
+            let mut next = claimed.clone();
             match change {
                 Change::Subscribed(channels) => {
                     for c in channels {
-                        if !stored.subscriptions.contains(c) {
-                            stored.subscriptions.push(c.clone());
+                        if !next.subscriptions.contains(c) {
+                            next.subscriptions.push(c.clone());
+                        }
+                        // Where the subscription starts (set when it was made here).
+                        if let Some(start) = mine.cursors.get(c) {
+                            next.cursors.entry(c.clone()).or_insert(*start);
                         }
                     }
                 }
                 Change::Unsubscribed(channels) => {
-                    stored.subscriptions.retain(|s| !channels.contains(s));
+                    next.subscriptions.retain(|s| !channels.contains(s));
                 }
             }
-            let expected = stored.epoch;
-            stored.epoch = Self::next_epoch();
-            match self.engine.replace_session(&stored, expected, ttl).await {
+            next.epoch = Self::next_epoch();
+            match self.engine.replace_session(&next, claimed.epoch, ttl).await {
                 Ok(true) => {
-                    saved();
+                    self.adopt(next, Some(session.clone()), None).await;
                     return;
                 }
                 Ok(false) => continue,

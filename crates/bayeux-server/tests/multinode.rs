@@ -228,7 +228,11 @@ async fn a_subscribe_on_a_node_whose_copy_was_taken_reaches_the_owner() {
         let replies = on(0, &id).connect().await;
         got.extend(data(&replies, "/y"));
     }
-    assert_eq!(got, vec![7], "the owner's copy has the subscription made on node B");
+    assert_eq!(
+        got,
+        vec![7],
+        "the owner's copy has the subscription made on node B"
+    );
 }
 
 #[tokio::test]

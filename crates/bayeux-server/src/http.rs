@@ -14,13 +14,18 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use bayeux_protocol::ErrorKind;
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use tokio::net::TcpListener;
 
 use crate::broker::Broker;
 use crate::transport::{BodyError, callback_polling, long_polling, websocket};
 
-/// Read and write buffer of each WebSocket connection.
-const WS_BUFFER_BYTES: usize = 4096;
+/// Read buffer of each WebSocket connection. Small: tungstenite keeps it (zero-filled) for the
+/// life of the socket, so it is most of what an idle WebSocket costs. A frame larger than this
+/// is read in a second read sized to the frame.
+const WS_READ_BUFFER_BYTES: usize = 1024;
+/// Write buffer of each WebSocket connection (allocated as frames are written).
+const WS_WRITE_BUFFER_BYTES: usize = 4096;
 
 /// The axum router serving `broker` at its configured path, plus `extra` routes (the
 /// Salesforce emulator's).
@@ -77,65 +82,36 @@ fn owned_headers(headers: &HeaderMap) -> HeaderMap {
     out
 }
 
-async fn endpoint(State(broker): State<Arc<Broker>>, request: Request) -> Response {
+/// The Bayeux endpoint. Not an `async fn`: it picks the transport at once and returns that
+/// transport's future, so a held long-poll keeps only the long-polling future (an `async fn`
+/// would keep the request it was given, and be as large as its largest branch, for the whole
+/// hold: memory per idle client).
+fn endpoint(State(broker): State<Arc<Broker>>, request: Request) -> BoxFuture<'static, Response> {
     let remote = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
-    let (mut parts, body) = request.into_parts();
+    let (parts, body) = request.into_parts();
     if is_websocket_upgrade(&parts.headers) {
-        if !broker
-            .config()
-            .offers(bayeux_protocol::connection_type::WEBSOCKET)
-        {
-            return BodyError::new(
-                StatusCode::BAD_REQUEST,
-                ErrorKind::UnknownTransport,
-                "the websocket transport is disabled",
-            )
-            .response(&broker);
-        }
-        let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
-            Ok(u) => u,
-            Err(rejection) => {
-                return BodyError::new(
-                    StatusCode::BAD_REQUEST,
-                    ErrorKind::UnknownTransport,
-                    format!("bad websocket upgrade: {}", rejection.body_text()),
-                )
-                .response(&broker);
-            }
-        };
-        let max = broker.config().limits.max_frame_bytes;
-        // An owned copy: a clone would share the bytes of hyper's 8 KiB read buffer and keep
-        // it allocated for the life of the socket.
-        let headers = owned_headers(&parts.headers);
-        drop(parts);
-        // Small buffers: tungstenite's default 128 KiB read buffer per connection would make an
-        // idle WebSocket cost ~150 KiB. Larger messages are still read, in several reads.
-        return upgrade
-            .read_buffer_size(WS_BUFFER_BYTES)
-            .write_buffer_size(WS_BUFFER_BYTES)
-            .max_message_size(max)
-            .max_frame_size(max)
-            .on_upgrade(move |socket| websocket::run(socket, broker, headers, remote));
+        return Box::pin(websocket_upgrade(broker, parts, remote));
     }
     if let Some(error) = salesforce_version_error(&broker, parts.uri.path()) {
-        return Box::pin(long_polling::reject_all(broker, parts, body, error)).await;
+        return Box::pin(long_polling::reject_all(broker, parts, body, error));
     }
     match parts.method {
-        Method::POST => long_polling::handle(broker, parts, body, remote).await,
-        // The rarer transports are boxed so that they do not grow every request's future (a
-        // held long-poll's handler future lives as long as the hold: memory per idle client).
+        Method::POST => long_polling::handle(broker, parts, body, remote),
         Method::GET if query_has_message(parts.uri.query()) => {
-            Box::pin(callback_polling::handle(broker, parts, remote)).await
+            Box::pin(callback_polling::handle(broker, parts, remote))
         }
-        Method::GET => BodyError::new(
-            StatusCode::BAD_REQUEST,
-            ErrorKind::UnknownTransport,
-            "a GET needs a message parameter (callback-polling) or a websocket upgrade",
-        )
-        .response(&broker),
+        Method::GET => {
+            let response = BodyError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorKind::UnknownTransport,
+                "a GET needs a message parameter (callback-polling) or a websocket upgrade",
+            )
+            .response(&broker);
+            Box::pin(std::future::ready(response))
+        }
         _ => {
             let mut r = BodyError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -145,9 +121,52 @@ async fn endpoint(State(broker): State<Arc<Broker>>, request: Request) -> Respon
             .response(&broker);
             r.headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static("GET, POST"));
-            r
+            Box::pin(std::future::ready(r))
         }
     }
+}
+
+/// Answers a WebSocket upgrade request; the connection then runs in its own task.
+async fn websocket_upgrade(
+    broker: Arc<Broker>,
+    mut parts: axum::http::request::Parts,
+    remote: Option<SocketAddr>,
+) -> Response {
+    if !broker
+        .config()
+        .offers(bayeux_protocol::connection_type::WEBSOCKET)
+    {
+        return BodyError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorKind::UnknownTransport,
+            "the websocket transport is disabled",
+        )
+        .response(&broker);
+    }
+    let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+        Ok(u) => u,
+        Err(rejection) => {
+            return BodyError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorKind::UnknownTransport,
+                format!("bad websocket upgrade: {}", rejection.body_text()),
+            )
+            .response(&broker);
+        }
+    };
+    let max = broker.config().limits.max_frame_bytes;
+    // An owned copy: a clone would share the bytes of hyper's 8 KiB read buffer and keep
+    // it allocated for the life of the socket.
+    let headers = owned_headers(&parts.headers);
+    drop(parts);
+    // Small buffers: tungstenite's default 128 KiB read buffer per connection would make an
+    // idle WebSocket cost ~150 KiB. Larger messages are still read, in several reads.
+    upgrade
+        .read_buffer_size(WS_READ_BUFFER_BYTES)
+        .write_buffer_size(WS_WRITE_BUFFER_BYTES)
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| websocket::run(socket, broker, headers, remote))
 }
 
 /// Salesforce mode: the endpoint is `/cometd/<version>[/…]` with a version at least the

@@ -9,9 +9,10 @@ use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::Response;
 use bayeux_protocol::{ErrorKind, Message, connection_type};
+use futures::future::BoxFuture;
 
 use super::{BodyError, answer_http, check_count, decode, json_response};
-use crate::broker::Broker;
+use crate::broker::{Broker, Processed};
 use crate::policy::RequestInfo;
 
 /// Reads a body of at most the configured size.
@@ -77,22 +78,33 @@ pub(crate) fn decode_form(broker: &Broker, query: &[u8]) -> Result<Vec<Message>,
 }
 
 /// Serves one long-polling request.
-pub(crate) async fn handle(
+///
+/// Not an `async fn`, and everything before the hold is boxed apart: an `async fn` keeps its
+/// arguments (the request's parts and body) for its whole life, and a future is as large as its
+/// largest state. The future returned here lives as long as the hold, one per idle long-poll
+/// client, so it holds only what the hold needs (memory per idle client).
+pub(crate) fn handle(
     broker: Arc<Broker>,
     parts: Parts,
     body: Body,
     remote: Option<SocketAddr>,
-) -> Response {
+) -> BoxFuture<'static, Response> {
     let cookies = (broker.dialect() == bayeux_protocol::Dialect::Salesforce)
         .then(|| MissingCookies::of(&parts));
-    let mut response = match handle_inner(&broker, parts, body, remote).await {
-        Ok((status, body)) => json_response(status, body),
-        Err(e) => e.response(&broker),
-    };
-    if let Some(missing) = cookies {
-        set_salesforce_cookies(missing, &mut response);
-    }
-    response
+    let prepared = Box::pin(prepare(broker.clone(), parts, body, remote));
+    Box::pin(async move {
+        let mut response = match prepared.await {
+            Ok(processed) => {
+                let (status, body) = answer_http(&broker, *processed).await;
+                json_response(status, body)
+            }
+            Err(e) => e.response(&broker),
+        };
+        if let Some(missing) = cookies {
+            set_salesforce_cookies(missing, &mut response);
+        }
+        response
+    })
 }
 
 /// Which of Salesforce's streaming cookies a request did not carry.
@@ -169,12 +181,13 @@ pub(crate) async fn reject_all(
     )
 }
 
-async fn handle_inner(
-    broker: &Arc<Broker>,
+/// Reads, decodes and processes a request: everything up to the hold.
+async fn prepare(
+    broker: Arc<Broker>,
     parts: Parts,
     body: Body,
     remote: Option<SocketAddr>,
-) -> Result<(StatusCode, Vec<u8>), BodyError> {
+) -> Result<Box<Processed>, BodyError> {
     if !broker.config().offers(connection_type::LONG_POLLING) {
         return Err(BodyError::new(
             StatusCode::BAD_REQUEST,
@@ -182,16 +195,16 @@ async fn handle_inner(
             "the long-polling transport is disabled",
         ));
     }
-    let body = read_body(broker, &parts, body).await?;
+    let body = read_body(&broker, &parts, body).await?;
     let form = parts
         .headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
     let messages = if form {
-        decode_form(broker, &body)?
+        decode_form(&broker, &body)?
     } else {
-        decode(broker, &body)?
+        decode(&broker, &body)?
     };
     drop(body);
     let info = RequestInfo {
@@ -199,10 +212,6 @@ async fn handle_inner(
         remote,
         connection_type: connection_type::LONG_POLLING,
     };
-    // Boxed: processing needs a large future, but only until the connect is held; the handler
-    // future that waits for messages stays small (memory per idle client).
-    let processed = Box::pin(broker.process(&info, messages)).await;
-    // The request's header values share hyper's read buffer: let it go before the hold.
-    drop(parts);
-    Ok(answer_http(broker, processed).await)
+    // Boxed: a few hundred bytes that would otherwise be copied into the hold's future.
+    Ok(Box::new(broker.process(&info, messages).await))
 }

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use bayeux_protocol::{DecodeError, ErrorKind, Message, decode_batch};
 use bytes::Bytes;
 
-use crate::broker::{Broker, Committed, ConnectPlan, HoldEnd, Processed};
+use crate::broker::{Broker, Committed, HoldEnd, Processed};
 
 /// The JSON content type of every Bayeux response.
 pub const JSON: &str = "application/json;charset=UTF-8";
@@ -128,9 +128,10 @@ pub(crate) async fn answer_http(
     broker: &Arc<Broker>,
     processed: Processed,
 ) -> (StatusCode, Vec<u8>) {
-    let Processed { replies, connect } = processed;
-    let Some(plan) = connect else {
-        return (StatusCode::OK, build_body(&replies, &[], None));
+    // The plan is used in place until the hold is over: moving it out of `processed` would
+    // store it twice in this future, which lives as long as the hold (memory per idle client).
+    let Some(plan) = &processed.connect else {
+        return (StatusCode::OK, build_body(&processed.replies, &[], None));
     };
     let arrived = tokio::time::Instant::now();
     // Replayed history waiting for room in the queue comes in now, ahead of any hold.
@@ -143,7 +144,7 @@ pub(crate) async fn answer_http(
         Some(timeout) => broker.hold_connect(&plan.session, timeout).await,
         None => HoldEnd::Messages,
     };
-    Box::pin(finish_http(broker, replies, plan, arrived, end)).await
+    Box::pin(finish_http(broker, processed, arrived, end)).await
 }
 
 /// The end of [`answer_http`], once the hold is over.
@@ -153,11 +154,14 @@ const MAX_RESYNCS: u32 = 3;
 
 async fn finish_http(
     broker: &Arc<Broker>,
-    replies: Vec<Message>,
-    plan: ConnectPlan,
+    processed: Processed,
     arrived: tokio::time::Instant,
     end: HoldEnd,
 ) -> (StatusCode, Vec<u8>) {
+    let Processed { replies, connect } = processed;
+    let Some(plan) = connect else {
+        return (StatusCode::OK, build_body(&replies, &[], None));
+    };
     let mut reply = plan.reply;
     if broker.stalled_since(arrived) && end != HoldEnd::Shutdown {
         // Fault injection: this connect is never answered. Nothing is taken from the queue,

@@ -10,6 +10,7 @@ use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
 use axum::http::HeaderMap;
 use bayeux_protocol::{ErrorKind, Message, connection_type, meta};
 use bytes::Bytes;
+use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use tokio::time::Instant;
 
@@ -35,7 +36,9 @@ struct Pending {
 struct Conn {
     broker: Arc<Broker>,
     bound: Option<Arc<Session>>,
-    pending: Option<Pending>,
+    /// Boxed: moved around in the connection's loop, it would take its size several times
+    /// over in the future of every idle connection.
+    pending: Option<Box<Pending>>,
 }
 
 impl Conn {
@@ -132,11 +135,11 @@ impl Conn {
             }
             Some(timeout) => {
                 let (hold, _) = broker.begin_hold(&plan.session, false);
-                self.pending = Some(Pending {
+                self.pending = Some(Box::new(Pending {
                     reply: plan.reply,
                     deadline: Instant::now() + timeout,
                     _hold: hold,
-                });
+                }));
                 build_body(&replies, &[], None)
             }
         }
@@ -154,8 +157,23 @@ fn is_empty_array(body: &[u8]) -> bool {
 }
 
 /// Runs one WebSocket connection until it closes or the server shuts down.
-pub(crate) async fn run(
+///
+/// Not an `async fn`: an `async fn` keeps its arguments for its whole life, so the socket,
+/// moved into its two halves by the split, would still take its full size in the future of
+/// every idle connection (memory per idle client).
+pub(crate) fn run(
     socket: WebSocket,
+    broker: Arc<Broker>,
+    headers: HeaderMap,
+    remote: Option<SocketAddr>,
+) -> impl Future<Output = ()> + Send {
+    let (sink, stream) = socket.split();
+    run_split(sink, stream, broker, headers, remote)
+}
+
+async fn run_split(
+    mut sink: SplitSink<WebSocket, WsMessage>,
+    mut stream: SplitStream<WebSocket>,
     broker: Arc<Broker>,
     headers: HeaderMap,
     remote: Option<SocketAddr>,
@@ -166,7 +184,6 @@ pub(crate) async fn run(
         remote,
         connection_type: connection_type::WEBSOCKET,
     };
-    let (mut sink, mut stream) = socket.split();
     let mut stop = broker.shutdown_signal();
     let mut conn = Conn {
         broker: broker.clone(),
@@ -264,13 +281,15 @@ pub(crate) async fn run(
                 }
             } => {
                 if let Some(pending) = conn.pending.take() {
-                    let mut reply = pending.reply;
-                    let deliveries = conn
-                        .bound
-                        .as_ref()
-                        .map(|s| broker.take_for_connect(s, &mut reply))
-                        .unwrap_or_default();
-                    let out = build_body(&[], &deliveries, Some(&reply));
+                    let out = {
+                        let mut reply = pending.reply;
+                        let deliveries = conn
+                            .bound
+                            .as_ref()
+                            .map(|s| broker.take_for_connect(s, &mut reply))
+                            .unwrap_or_default();
+                        build_body(&[], &deliveries, Some(&reply))
+                    };
                     if sink.send(text(out)).await.is_err() {
                         break;
                     }

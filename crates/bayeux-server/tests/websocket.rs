@@ -171,3 +171,58 @@ async fn callback_polling_wraps_replies_in_the_callback() {
     let body = reqwest::get(url).await.unwrap().text().await.unwrap();
     assert!(body.starts_with("jsonpcallback(["), "{body}");
 }
+
+/// One WebSocket client sends many publishes without waiting for their replies (they are
+/// processed concurrently, so the disk engine can group-commit them): the replies come back in
+/// the order sent, and the channel's log and a subscriber get the messages in that order too.
+#[tokio::test]
+async fn publishes_sent_without_waiting_keep_their_order() {
+    for disk in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let server = if disk {
+            let engine = bayeux_engine::disk::DiskEngine::open(dir.path(), Default::default())
+                .expect("disk engine");
+            TestServer::start_with(
+                bayeux_server::Server::builder(test_config()).engine(std::sync::Arc::new(engine)),
+            )
+            .await
+        } else {
+            TestServer::default_config().await
+        };
+        let mut sub = ws_subscribed(&server, json!("/order")).await;
+        sub.send(json!([{"channel":"/meta/connect","clientId":sub.id(),"connectionType":"websocket","id":"c1"}]))
+            .await;
+        let mut p = WsClient::connect(&server.ws_url).await;
+        p.handshake().await;
+        const N: i64 = 300;
+        for i in 0..N {
+            p.send(json!([{"channel":"/order","clientId":p.id(),"data":i,"id":format!("p{i}")}]))
+                .await;
+        }
+        let mut ids = Vec::new();
+        while (ids.len() as i64) < N {
+            let frame = p.recv(WAIT).await.expect("publish replies");
+            for m in frame {
+                assert_eq!(m["successful"], true, "{m}");
+                ids.push(m["id"].as_str().unwrap().to_owned());
+            }
+        }
+        let expected: Vec<String> = (0..N).map(|i| format!("p{i}")).collect();
+        assert_eq!(ids, expected, "replies in the order sent (disk: {disk})");
+        let mut got = Vec::new();
+        while (got.len() as i64) < N {
+            let frame = sub.recv(WAIT).await.expect("deliveries");
+            got.extend(
+                frame
+                    .iter()
+                    .filter(|m| m["channel"] == "/order")
+                    .map(|m| m["data"].as_i64().unwrap()),
+            );
+        }
+        assert_eq!(
+            got,
+            (0..N).collect::<Vec<_>>(),
+            "delivered in the order sent (disk: {disk})"
+        );
+    }
+}

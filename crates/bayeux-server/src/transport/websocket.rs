@@ -3,14 +3,16 @@
 //! lazy delay) without waking the held `/meta/connect`, which is answered at its timeout as the
 //! heartbeat, exactly as on HTTP.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
 use axum::http::HeaderMap;
 use bayeux_protocol::{ErrorKind, Message, connection_type, meta};
 use bytes::Bytes;
-use futures::stream::{SplitSink, SplitStream};
+use futures::stream::{FuturesOrdered, SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use tokio::time::Instant;
 
@@ -100,16 +102,9 @@ impl Conn {
         })
     }
 
-    /// Processes one text frame and returns the frame to send back.
-    async fn on_text(&mut self, info: &RequestInfo<'_>, text: &[u8]) -> Vec<u8> {
+    /// Processes the messages of one text frame and returns the frame to send back.
+    async fn on_messages(&mut self, info: &RequestInfo<'_>, messages: Vec<Message>) -> Vec<u8> {
         let broker = self.broker.clone();
-        let messages = match decode(&broker, text) {
-            Ok(m) => m,
-            Err(e) => {
-                broker.metrics().error(e.kind.code(broker.dialect()));
-                return e.body(&broker);
-            }
-        };
         let processed = broker.process(info, messages).await;
         for reply in &processed.replies {
             if reply.channel == meta::HANDSHAKE
@@ -144,6 +139,34 @@ impl Conn {
             }
         }
     }
+}
+
+/// Publishes answered concurrently on one connection, at most.
+const PIPELINE: usize = 64;
+
+/// A frame that can be processed while earlier ones still wait for their append: one publish
+/// to a broadcast channel, on an engine that is not shared. Its append is issued when its
+/// future is first polled, and futures are first polled in the order frames arrived, so the
+/// log keeps the client's order; its reply goes out in that order too. Anything else (meta
+/// messages, service channels, several messages in a frame) waits until the pipeline is empty.
+fn pipelinable(broker: &Broker, messages: &[Message]) -> bool {
+    match messages {
+        [m] => {
+            !broker.engine().shared()
+                && !m.channel.is_empty()
+                && !m.channel.starts_with("/meta/")
+                && !m.channel.starts_with("/service/")
+        }
+        _ => false,
+    }
+}
+
+/// Decodes a text frame, or returns the error frame to send back.
+fn decode_frame(broker: &Broker, text: &[u8]) -> Result<Vec<Message>, Vec<u8>> {
+    decode(broker, text).map_err(|e| {
+        broker.metrics().error(e.kind.code(broker.dialect()));
+        e.body(broker)
+    })
 }
 
 fn text(body: Vec<u8>) -> WsMessage {
@@ -191,6 +214,9 @@ async fn run_split(
         pending: None,
     };
     let lazy = broker.config().timeouts.lazy_delay();
+    // Publishes in flight (see `pipelinable`): their replies, in the order the frames came.
+    let mut publishes: FuturesOrdered<Pin<Box<dyn Future<Output = Vec<u8>> + Send + '_>>> =
+        FuturesOrdered::new();
     loop {
         let session = conn.bound.clone();
         let mut notified = session.as_ref().map(|s| Box::pin(s.notify.notified()));
@@ -208,11 +234,41 @@ async fn run_split(
         }
         let deadline = conn.pending.as_ref().map(|p| p.deadline);
         tokio::select! {
-            frame = stream.next() => match frame {
+            Some(out) = publishes.next(), if !publishes.is_empty() => {
+                if sink.send(text(out)).await.is_err() {
+                    break;
+                }
+            }
+            frame = stream.next(), if publishes.len() < PIPELINE => match frame {
                 Some(Ok(WsMessage::Text(t))) => {
+                    let messages = match decode_frame(&broker, t.as_bytes()) {
+                        Ok(m) => m,
+                        Err(out) => {
+                            // Answered in order, after the publishes before it.
+                            if !drain(&mut publishes, &mut sink).await
+                                || sink.send(text(out)).await.is_err()
+                            {
+                                break;
+                            }
+                            conn.commit().await;
+                            continue;
+                        }
+                    };
+                    if pipelinable(&broker, &messages) {
+                        let (broker, info) = (broker.clone(), &info);
+                        publishes.push_back(Box::pin(async move {
+                            let processed = broker.process(info, messages).await;
+                            build_body(&processed.replies, &[], None)
+                        }));
+                        continue;
+                    }
+                    // Everything else waits for the publishes before it, answered in order.
+                    if !drain(&mut publishes, &mut sink).await {
+                        break;
+                    }
                     // Boxed: processing a frame needs a large future; the loop that waits
                     // between frames stays small (memory per idle client).
-                    let out = Box::pin(conn.on_text(&info, t.as_bytes())).await;
+                    let out = Box::pin(conn.on_messages(&info, messages)).await;
                     if !is_empty_array(&out) && sink.send(text(out)).await.is_err() {
                         break;
                     }
@@ -231,8 +287,10 @@ async fn run_split(
                 }
                 Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
                 Some(Ok(WsMessage::Close(_))) => {
-                    // The library queued the close reply; send it before dropping the socket
-                    // so the client sees a clean close, not 1006.
+                    // Publishes already read are answered; then the library's queued close
+                    // reply goes out before the socket is dropped, so the client sees a clean
+                    // close, not 1006.
+                    drain(&mut publishes, &mut sink).await;
                     let _ = sink.flush().await;
                     break;
                 }
@@ -297,6 +355,7 @@ async fn run_split(
                 }
             }
             _ = crate::broker::stopped(&mut stop) => {
+                drain(&mut publishes, &mut sink).await;
                 if let Some(pending) = conn.pending.take() {
                     let _ = sink.send(text(build_body(&[], &[], Some(&pending.reply)))).await;
                 }
@@ -312,4 +371,21 @@ async fn run_split(
     }
     drop(conn);
     broker.metrics().websockets.dec();
+}
+
+/// Waits for every publish in flight and sends their replies, in order. False when the socket
+/// is gone.
+async fn drain<S>(
+    publishes: &mut FuturesOrdered<S>,
+    sink: &mut SplitSink<WebSocket, WsMessage>,
+) -> bool
+where
+    S: Future<Output = Vec<u8>>,
+{
+    while let Some(out) = publishes.next().await {
+        if sink.send(text(out)).await.is_err() {
+            return false;
+        }
+    }
+    true
 }

@@ -215,8 +215,8 @@ async fn run_split(
     };
     let lazy = broker.config().timeouts.lazy_delay();
     // Publishes in flight (see `pipelinable`): their replies, in the order the frames came.
-    let mut publishes: FuturesOrdered<Pin<Box<dyn Future<Output = Vec<u8>> + Send + '_>>> =
-        FuturesOrdered::new();
+    // Made at the first one (it allocates), so that sockets that never publish pay nothing.
+    let mut publishes: Option<Pipeline<'_>> = None;
     loop {
         let session = conn.bound.clone();
         let mut notified = session.as_ref().map(|s| Box::pin(s.notify.notified()));
@@ -234,12 +234,12 @@ async fn run_split(
         }
         let deadline = conn.pending.as_ref().map(|p| p.deadline);
         tokio::select! {
-            Some(out) = publishes.next(), if !publishes.is_empty() => {
+            Some(out) = next_reply(&mut publishes), if in_flight(&publishes) > 0 => {
                 if sink.send(text(out)).await.is_err() {
                     break;
                 }
             }
-            frame = stream.next(), if publishes.len() < PIPELINE => match frame {
+            frame = stream.next(), if in_flight(&publishes) < PIPELINE => match frame {
                 Some(Ok(WsMessage::Text(t))) => {
                     let messages = match decode_frame(&broker, t.as_bytes()) {
                         Ok(m) => m,
@@ -256,7 +256,8 @@ async fn run_split(
                     };
                     if pipelinable(&broker, &messages) {
                         let (broker, info) = (broker.clone(), &info);
-                        publishes.push_back(Box::pin(async move {
+                        let pipeline = publishes.get_or_insert_with(FuturesOrdered::new);
+                        pipeline.push_back(Box::pin(async move {
                             let processed = broker.process(info, messages).await;
                             build_body(&processed.replies, &[], None)
                         }));
@@ -373,16 +374,31 @@ async fn run_split(
     broker.metrics().websockets.dec();
 }
 
+/// Publishes in flight on one socket, each a future of its reply frame.
+type Pipeline<'a> = FuturesOrdered<Pin<Box<dyn Future<Output = Vec<u8>> + Send + 'a>>>;
+
+fn in_flight(publishes: &Option<Pipeline<'_>>) -> usize {
+    publishes.as_ref().map_or(0, |p| p.len())
+}
+
+/// The next reply of the publishes in flight (pending forever when there are none).
+async fn next_reply(publishes: &mut Option<Pipeline<'_>>) -> Option<Vec<u8>> {
+    match publishes {
+        Some(p) => p.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Waits for every publish in flight and sends their replies, in order. False when the socket
 /// is gone.
-async fn drain<S>(
-    publishes: &mut FuturesOrdered<S>,
+async fn drain(
+    publishes: &mut Option<Pipeline<'_>>,
     sink: &mut SplitSink<WebSocket, WsMessage>,
-) -> bool
-where
-    S: Future<Output = Vec<u8>>,
-{
-    while let Some(out) = publishes.next().await {
+) -> bool {
+    let Some(pipeline) = publishes.as_mut() else {
+        return true;
+    };
+    while let Some(out) = pipeline.next().await {
         if sink.send(text(out)).await.is_err() {
             return false;
         }

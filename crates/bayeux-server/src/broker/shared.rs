@@ -102,25 +102,7 @@ impl Broker {
         if st.ack.is_some() {
             extensions.push("ack".to_owned());
         }
-        // What has left the queue, not what is queued: another node adopting the session must
-        // re-read what waits here undelivered.
-        let mut cursors: BTreeMap<String, u64> = st
-            .delivered
-            .iter()
-            .map(|(c, id)| (c.to_string(), *id))
-            .collect();
-        // Ack extension: batches sent but not confirmed yet may have been lost with this node.
-        // `#ack` is the newest batch sent and `#<channel>` where the confirmed deliveries end,
-        // so that a node adopting the session can send them again to a client that says (in
-        // its connect) it did not get them.
-        if let Some(ack) = &st.ack
-            && let Some((_, confirmed)) = ack.before.front()
-        {
-            cursors.insert(ACK_BATCH.to_owned(), ack.batch);
-            for (channel, id) in confirmed {
-                cursors.insert(format!("{CONFIRMED}{channel}"), *id);
-            }
-        }
+        let cursors = cursors_of(&st);
         SessionRecord {
             client_id: session.id().to_owned(),
             subscriptions: st.subscriptions.iter().map(|s| s.to_string()).collect(),
@@ -233,7 +215,7 @@ impl Broker {
         }
         let commit = CursorCommit {
             client_id: session.id().to_owned(),
-            cursors: self.record_of(session).cursors,
+            cursors: cursors_of(&session.state.lock()),
             release: false,
         };
         let (done, outcome) = oneshot::channel();
@@ -254,7 +236,7 @@ impl Broker {
     pub(crate) fn release(&self, session: &Arc<Session>) {
         let commit = CursorCommit {
             client_id: session.id().to_owned(),
-            cursors: self.record_of(session).cursors,
+            cursors: cursors_of(&session.state.lock()),
             release: true,
         };
         let _ = self.commits.tx.send(CommitRequest {
@@ -580,6 +562,29 @@ impl Broker {
         }
         session
     }
+}
+
+/// What a copy has sent, as a record's cursors: what has left the queue, not what is queued
+/// (another node claiming the session must re-read what waits here undelivered).
+fn cursors_of(st: &State) -> BTreeMap<String, u64> {
+    let mut cursors: BTreeMap<String, u64> = st
+        .delivered
+        .iter()
+        .map(|(c, id)| (c.to_string(), *id))
+        .collect();
+    // Ack extension: batches sent but not confirmed yet may have been lost with this node.
+    // `#ack` is the newest batch sent and `#<channel>` where the confirmed deliveries end, so
+    // that a node claiming the session can send them again to a client that says (in its
+    // connect) it did not get them.
+    if let Some(ack) = &st.ack
+        && let Some((_, confirmed)) = ack.before.front()
+    {
+        cursors.insert(ACK_BATCH.to_owned(), ack.batch);
+        for (channel, id) in confirmed {
+            cursors.insert(format!("{CONFIRMED}{channel}"), *id);
+        }
+    }
+    cursors
 }
 
 /// In a record's cursors (ack extension): the newest batch sent, not yet confirmed.

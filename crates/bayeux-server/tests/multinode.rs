@@ -274,21 +274,27 @@ async fn ack_connect(node: &TestServer, id: &str, ack: u64) -> (Value, Vec<i64>)
     (reply, data(&replies, "/lost"))
 }
 
-#[tokio::test]
-async fn a_response_lost_with_its_node_is_sent_again_to_an_ack_client() {
-    let (nodes, _engine) = nodes(2).await;
-    let (a, b) = (&nodes[0], &nodes[1]);
-    let hs = a
+/// A session with the ack extension, handshaken on `node` and subscribed to `/lost`.
+async fn ack_client_on_lost(node: &TestServer) -> String {
+    let hs = node
         .client()
         .send(json!([{"channel":"/meta/handshake","version":"1.0","ext":{"ack":true}}]))
         .await;
     assert_eq!(hs[0]["ext"]["ack"], true);
     let id = hs[0]["clientId"].as_str().unwrap().to_owned();
-    let sub = a
+    let sub = node
         .client()
         .send(json!([{"channel":"/meta/subscribe","clientId":id,"subscription":"/lost"}]))
         .await;
     assert_eq!(sub[0]["successful"], true);
+    id
+}
+
+#[tokio::test]
+async fn a_response_lost_with_its_node_is_sent_again_to_an_ack_client() {
+    let (nodes, _engine) = nodes(2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let id = ack_client_on_lost(a).await;
     let (first, _) = ack_connect(a, &id, 0).await;
     let batch0 = first["ext"]["ack"].as_u64().unwrap();
     for i in 0..5 {
@@ -338,14 +344,7 @@ async fn a_response_lost_with_its_node_is_sent_again_to_an_ack_client() {
 async fn an_ack_client_that_got_its_response_gets_nothing_twice_on_another_node() {
     let (nodes, _engine) = nodes(2).await;
     let (a, b) = (&nodes[0], &nodes[1]);
-    let hs = a
-        .client()
-        .send(json!([{"channel":"/meta/handshake","version":"1.0","ext":{"ack":true}}]))
-        .await;
-    let id = hs[0]["clientId"].as_str().unwrap().to_owned();
-    a.client()
-        .send(json!([{"channel":"/meta/subscribe","clientId":id,"subscription":"/lost"}]))
-        .await;
+    let id = ack_client_on_lost(a).await;
     let (first, _) = ack_connect(a, &id, 0).await;
     let mut confirmed = first["ext"]["ack"].as_u64().unwrap();
     for i in 0..5 {

@@ -83,7 +83,7 @@ struct ServeArgs {
     /// A session without a connect for this long expires, ms [default: 10000].
     #[arg(long, env = "BAYEUX_MAX_INTERVAL_MS")]
     max_interval_ms: Option<u64>,
-    /// Batching delay before answering a held connect that has messages, ms [default: 1].
+    /// Batching delay before answering a held connect that has messages, ms [default: 0].
     #[arg(long, env = "BAYEUX_LAZY_DELAY_MS")]
     lazy_delay_ms: Option<u64>,
     /// How often expired sessions are swept, ms [default: 1000].

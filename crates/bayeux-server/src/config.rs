@@ -158,7 +158,7 @@ impl Default for Timeouts {
             connect_timeout_ms: 30_000,
             interval_ms: 0,
             max_interval_ms: 10_000,
-            lazy_delay_ms: 1,
+            lazy_delay_ms: 0,
             sweep_interval_ms: 1_000,
             shutdown_grace_ms: 5_000,
         }

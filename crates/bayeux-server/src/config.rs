@@ -76,6 +76,8 @@ pub struct Timeouts {
     pub sweep_interval_ms: u64,
     /// How long shutdown waits for open requests, ms.
     pub shutdown_grace_ms: u64,
+    /// How long reading one HTTP request may take once its first byte arrived, ms.
+    pub request_read_timeout_ms: u64,
 }
 
 /// `[limits]`
@@ -84,6 +86,8 @@ pub struct Timeouts {
 pub struct Limits {
     /// Largest HTTP body, bytes.
     pub max_body_bytes: usize,
+    /// Largest HTTP request head (request line and header fields), bytes.
+    pub max_header_bytes: usize,
     /// Largest WebSocket message, bytes.
     pub max_frame_bytes: usize,
     /// Most messages per HTTP body or WebSocket frame.
@@ -161,6 +165,7 @@ impl Default for Timeouts {
             lazy_delay_ms: 0,
             sweep_interval_ms: 1_000,
             shutdown_grace_ms: 5_000,
+            request_read_timeout_ms: 30_000,
         }
     }
 }
@@ -169,6 +174,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_body_bytes: 64 * 1024,
+            max_header_bytes: 64 * 1024,
             max_frame_bytes: 64 * 1024,
             max_messages_per_request: 1_000,
             max_queue: 10_000,
@@ -247,6 +253,12 @@ impl ServerConfig {
         }
         if self.timeouts.sweep_interval_ms == 0 {
             return bad("timeouts.sweep_interval_ms must be positive");
+        }
+        if self.timeouts.request_read_timeout_ms == 0 {
+            return bad("timeouts.request_read_timeout_ms must be positive");
+        }
+        if self.limits.max_header_bytes < 1024 {
+            return bad("limits.max_header_bytes must be at least 1024");
         }
         if self.limits.max_queue == 0 {
             return bad("limits.max_queue must be positive");

@@ -1,31 +1,22 @@
-//! The HTTP front: one axum router that dispatches the Bayeux endpoint (and everything under
-//! it) to the long-polling, callback-polling or WebSocket transport, plus `/metrics`.
+//! The HTTP routes: one axum router that dispatches the Bayeux endpoint (and everything under
+//! it) to the long-polling or callback-polling transport, plus `/metrics`. The connections
+//! themselves, and WebSocket upgrades, are the front end's ([`crate::front`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use bayeux_protocol::ErrorKind;
-use bytes::Bytes;
 use futures::future::BoxFuture;
 use tokio::net::TcpListener;
 
 use crate::broker::Broker;
-use crate::transport::{BodyError, callback_polling, long_polling, websocket};
-
-/// Read buffer of each WebSocket connection. Small: tungstenite keeps it (zero-filled) for the
-/// life of the socket, so it is most of what an idle WebSocket costs. A frame larger than this
-/// is read in a second read sized to the frame.
-const WS_READ_BUFFER_BYTES: usize = 1024;
-/// Write buffer of each WebSocket connection (allocated as frames are written).
-const WS_WRITE_BUFFER_BYTES: usize = 4096;
+use crate::transport::{BodyError, callback_polling, long_polling};
 
 /// The axum router serving `broker` at its configured path, plus `extra` routes (the
 /// Salesforce emulator's).
@@ -62,26 +53,6 @@ async fn metrics(State(broker): State<Arc<Broker>>) -> Response {
     response
 }
 
-fn is_websocket_upgrade(headers: &axum::http::HeaderMap) -> bool {
-    headers
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
-}
-
-/// A deep copy of `headers` whose values own their bytes (hyper's parsed values point into the
-/// connection's read buffer).
-fn owned_headers(headers: &HeaderMap) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(headers.len());
-    for (name, value) in headers {
-        let mut copy = HeaderValue::from_maybe_shared(Bytes::copy_from_slice(value.as_bytes()))
-            .unwrap_or_else(|_| HeaderValue::from_static(""));
-        copy.set_sensitive(value.is_sensitive());
-        out.append(name.clone(), copy);
-    }
-    out
-}
-
 /// The Bayeux endpoint. Not an `async fn`: it picks the transport at once and returns that
 /// transport's future, so a held long-poll keeps only the long-polling future (an `async fn`
 /// would keep the request it was given, and be as large as its largest branch, for the whole
@@ -91,10 +62,8 @@ fn endpoint(State(broker): State<Arc<Broker>>, request: Request) -> BoxFuture<'s
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
+    // WebSocket upgrades of the endpoint never get here: the front end answers them.
     let (parts, body) = request.into_parts();
-    if is_websocket_upgrade(&parts.headers) {
-        return Box::pin(websocket_upgrade(broker, parts, remote));
-    }
     if let Some(error) = salesforce_version_error(&broker, parts.uri.path()) {
         return Box::pin(long_polling::reject_all(broker, parts, body, error));
     }
@@ -126,49 +95,6 @@ fn endpoint(State(broker): State<Arc<Broker>>, request: Request) -> BoxFuture<'s
     }
 }
 
-/// Answers a WebSocket upgrade request; the connection then runs in its own task.
-async fn websocket_upgrade(
-    broker: Arc<Broker>,
-    mut parts: axum::http::request::Parts,
-    remote: Option<SocketAddr>,
-) -> Response {
-    if !broker
-        .config()
-        .offers(bayeux_protocol::connection_type::WEBSOCKET)
-    {
-        return BodyError::new(
-            StatusCode::BAD_REQUEST,
-            ErrorKind::UnknownTransport,
-            "the websocket transport is disabled",
-        )
-        .response(&broker);
-    }
-    let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
-        Ok(u) => u,
-        Err(rejection) => {
-            return BodyError::new(
-                StatusCode::BAD_REQUEST,
-                ErrorKind::UnknownTransport,
-                format!("bad websocket upgrade: {}", rejection.body_text()),
-            )
-            .response(&broker);
-        }
-    };
-    let max = broker.config().limits.max_frame_bytes;
-    // An owned copy: a clone would share the bytes of hyper's 8 KiB read buffer and keep
-    // it allocated for the life of the socket.
-    let headers = owned_headers(&parts.headers);
-    drop(parts);
-    // Small buffers: tungstenite's default 128 KiB read buffer per connection would make an
-    // idle WebSocket cost ~150 KiB. Larger messages are still read, in several reads.
-    upgrade
-        .read_buffer_size(WS_READ_BUFFER_BYTES)
-        .write_buffer_size(WS_WRITE_BUFFER_BYTES)
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| websocket::run(socket, broker, headers, remote))
-}
-
 /// Salesforce mode: the endpoint is `/cometd/<version>[/…]` with a version at least the
 /// oldest supported.
 fn salesforce_version_error(broker: &Broker, path: &str) -> Option<ErrorKind> {
@@ -190,35 +116,16 @@ fn query_has_message(query: Option<&str>) -> bool {
     query.is_some_and(|q| url::form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "message"))
 }
 
-/// Serves `broker` on `listener` until `shutdown` resolves; then held connects are answered,
-/// WebSockets closed, and open requests given `shutdown_grace_ms` to finish.
+/// Serves `broker` on `listener` until `shutdown` resolves or the broker stops; then held
+/// connects are answered, WebSockets closed, and open requests given `shutdown_grace_ms` to
+/// finish. The HTTP/1.1 front end is [`crate::front`].
 pub async fn serve(
     listener: TcpListener,
     broker: Arc<Broker>,
     extra: Option<Router>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let grace = Duration::from_millis(broker.config().timeouts.shutdown_grace_ms);
-    let app = router(broker.clone(), extra).into_make_service_with_connect_info::<SocketAddr>();
-    let stopper = broker.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
-        tracing::info!("shutting down");
-        stopper.shutdown();
-    });
-    let mut stop = broker.shutdown_signal();
-    let server = tokio::spawn(async move { server.await });
-    tokio::pin!(server);
-    tokio::select! {
-        result = &mut server => return result.map_err(std::io::Error::other)?,
-        _ = crate::broker::stopped(&mut stop) => {}
-    }
-    match tokio::time::timeout(grace, &mut server).await {
-        Ok(result) => result.map_err(std::io::Error::other)?,
-        Err(_) => {
-            tracing::warn!("open requests did not finish within the shutdown grace period");
-            server.abort();
-            Ok(())
-        }
-    }
+    let app = router(broker.clone(), extra);
+    crate::front::serve(listener, broker, app, shutdown).await;
+    Ok(())
 }

@@ -16,6 +16,7 @@
 
 pub mod broker;
 pub mod config;
+pub mod front;
 pub mod http;
 pub mod metrics;
 pub mod policy;

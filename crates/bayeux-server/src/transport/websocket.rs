@@ -8,17 +8,23 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
 use axum::http::HeaderMap;
 use bayeux_protocol::{ErrorKind, Message, connection_type, meta};
 use bytes::Bytes;
 use futures::stream::{FuturesOrdered, SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 
 use super::{BodyError, build_body, decode};
 use crate::broker::{Broker, Hold, Session};
 use crate::policy::RequestInfo;
+
+/// A WebSocket as the front end hands it over.
+pub(crate) type WebSocket = WebSocketStream<TcpStream>;
 
 /// Close code for a message larger than the limit.
 pub const CLOSE_TOO_BIG: u16 = 1009;
@@ -286,7 +292,7 @@ async fn run_split(
                         break;
                     }
                 }
-                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => {}
                 Some(Ok(WsMessage::Close(_))) => {
                     // Publishes already read are answered; then the library's queued close
                     // reply goes out before the socket is dropped, so the client sees a clean
@@ -298,21 +304,23 @@ async fn run_split(
                 None => break,
                 Some(Err(e)) => {
                     let msg = e.to_string();
-                    let too_big = msg.contains("Space limit exceeded") || msg.contains("too long");
-                    let (code, reason) = if too_big {
+                    let (code, reason) = if matches!(e, WsError::Capacity(_)) {
                         broker.metrics().error(413);
                         (CLOSE_TOO_BIG, format!(
                             "message larger than {} bytes",
                             broker.config().limits.max_frame_bytes
                         ))
-                    } else if msg.contains("UTF-8") {
+                    } else if matches!(e, WsError::Utf8) {
                         (CLOSE_INVALID_PAYLOAD, "text frame is not UTF-8".to_owned())
                     } else {
                         (CLOSE_PROTOCOL, "protocol error".to_owned())
                     };
                     tracing::debug!(error = %msg, "websocket read failed");
                     let _ = sink
-                        .send(WsMessage::Close(Some(CloseFrame { code, reason: reason.into() })))
+                        .send(WsMessage::Close(Some(CloseFrame {
+                            code: code.into(),
+                            reason: reason.into(),
+                        })))
                         .await;
                     break;
                 }
@@ -362,7 +370,7 @@ async fn run_split(
                 }
                 let _ = sink
                     .send(WsMessage::Close(Some(CloseFrame {
-                        code: CLOSE_GOING_AWAY,
+                        code: CLOSE_GOING_AWAY.into(),
                         reason: "server shutting down".into(),
                     })))
                     .await;

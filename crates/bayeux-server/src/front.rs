@@ -384,7 +384,7 @@ impl Front {
                     }
                     buf.reserve(n - buf.len());
                     while buf.len() < n {
-                        if stream.read_buf(buf).await? == 0 {
+                        if read_more(stream, buf).await? == 0 {
                             return Err(ReadError::Closed);
                         }
                     }
@@ -504,7 +504,7 @@ async fn first_bytes(stream: &TcpStream, buf: &mut BytesMut) -> bool {
             return false;
         }
         buf.reserve(READ_CHUNK);
-        match stream.try_read_buf(buf) {
+        match read_ready(stream, buf) {
             Ok(0) => return false,
             Ok(_) => return true,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => *buf = BytesMut::new(),
@@ -514,11 +514,32 @@ async fn first_bytes(stream: &TcpStream, buf: &mut BytesMut) -> bool {
 }
 
 /// Reads what the socket has into `buf` (growing it when full). 0 at end of stream.
-async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+async fn read_more(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
     if buf.capacity() - buf.len() < READ_CHUNK / 4 {
         buf.reserve(READ_CHUNK);
     }
-    stream.read_buf(buf).await
+    loop {
+        stream.readable().await?;
+        match read_ready(stream, buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            done => return done,
+        }
+    }
+}
+
+/// One read into the spare capacity of `buf`. A read that did not fill it drained the socket,
+/// so the readiness is cleared here instead of by a further read that would fail with
+/// `WouldBlock`: one system call less per request. Bytes that arrive later raise a new event
+/// (tokio only clears the readiness it saw, and never the end-of-stream flag).
+fn read_ready(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    let spare = buf.capacity() - buf.len();
+    let n = stream.try_read_buf(buf)?;
+    if n > 0 && n < spare {
+        let _ = stream.try_io(tokio::io::Interest::READABLE, || {
+            Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+        });
+    }
+    Ok(n)
 }
 
 /// Parses the request head at the start of `buf`; `None` while it is incomplete. On success

@@ -137,6 +137,20 @@ async fn pipelined_requests_on_one_connection_are_answered_in_order() {
 }
 
 #[tokio::test]
+async fn a_client_that_half_closes_after_its_request_gets_the_response_and_the_close() {
+    let server = TestServer::start(test_config()).await;
+    let mut conn = Conn::open(&server).await;
+    conn.send(&handshake_request("half")).await;
+    conn.stream.shutdown().await.expect("half-close");
+    assert_handshake(&conn.reply().await, "half");
+    assert!(
+        conn.closed_within(WAIT).await,
+        "the server sees the end of the stream after answering"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn http10_closes_after_the_response_unless_keep_alive_is_asked_for() {
     let server = TestServer::start(test_config()).await;
     let mut conn = Conn::open(&server).await;

@@ -92,9 +92,15 @@ struct ServeArgs {
     /// How long shutdown waits for open requests, ms [default: 5000].
     #[arg(long, env = "BAYEUX_SHUTDOWN_GRACE_MS")]
     shutdown_grace_ms: Option<u64>,
+    /// How long reading one HTTP request may take once its first byte arrived, ms [default: 30000].
+    #[arg(long, env = "BAYEUX_REQUEST_READ_TIMEOUT_MS")]
+    request_read_timeout_ms: Option<u64>,
     /// Largest HTTP request body, bytes (larger: HTTP 413) [default: 65536].
     #[arg(long, env = "BAYEUX_MAX_BODY_BYTES")]
     max_body_bytes: Option<usize>,
+    /// Largest HTTP request head, bytes (longer request line: HTTP 414, longer headers: 431) [default: 65536].
+    #[arg(long, env = "BAYEUX_MAX_HEADER_BYTES")]
+    max_header_bytes: Option<usize>,
     /// Largest WebSocket message, bytes (larger: close 1009) [default: 65536].
     #[arg(long, env = "BAYEUX_MAX_FRAME_BYTES")]
     max_frame_bytes: Option<usize>,
@@ -173,8 +179,10 @@ impl ServeArgs {
         set!(t.lazy_delay_ms, self.lazy_delay_ms);
         set!(t.sweep_interval_ms, self.sweep_interval_ms);
         set!(t.shutdown_grace_ms, self.shutdown_grace_ms);
+        set!(t.request_read_timeout_ms, self.request_read_timeout_ms);
         let l = &mut c.limits;
         set!(l.max_body_bytes, self.max_body_bytes);
+        set!(l.max_header_bytes, self.max_header_bytes);
         set!(l.max_frame_bytes, self.max_frame_bytes);
         set!(l.max_messages_per_request, self.max_messages_per_request);
         set!(l.max_queue, self.max_queue);

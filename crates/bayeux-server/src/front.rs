@@ -18,6 +18,7 @@
 //! time to read a request once its first byte arrived (`timeouts.request_read_timeout_ms`; the
 //! connection is closed). Malformed requests get 400 and the connection is closed.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -210,6 +211,8 @@ struct Incoming {
     request: Request<Body>,
     /// The body was not read in full (larger than the limit): close after answering.
     truncated: bool,
+    /// It is for the Bayeux endpoint.
+    endpoint: bool,
 }
 
 impl Front {
@@ -312,8 +315,12 @@ impl Front {
 
     /// What to do with a request just read.
     fn job(&self, incoming: Incoming, buf: &mut BytesMut) -> Job {
-        let Incoming { request, truncated } = incoming;
-        if is_websocket_upgrade(request.headers()) && self.is_endpoint(request.uri().path()) {
+        let Incoming {
+            request,
+            truncated,
+            endpoint,
+        } = incoming;
+        if endpoint && is_websocket_upgrade(request.headers()) {
             return Job::Upgrade(Box::new(request));
         }
         let version = request.version();
@@ -405,6 +412,7 @@ impl Front {
         Ok(Incoming {
             request: Request::from_parts(parts, Body::from(body)),
             truncated,
+            endpoint,
         })
     }
 
@@ -749,7 +757,7 @@ fn wants_keep_alive(version: Version, headers: &HeaderMap) -> bool {
 }
 
 /// A deep copy of `headers` whose values own their bytes.
-pub(crate) fn owned_headers(headers: &HeaderMap) -> HeaderMap {
+fn owned_headers(headers: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
         let mut copy = HeaderValue::from_maybe_shared(Bytes::copy_from_slice(value.as_bytes()))
@@ -836,9 +844,8 @@ async fn write_response(
         || parts.status == StatusCode::NO_CONTENT
         || parts.status == StatusCode::NOT_MODIFIED;
     if !bodiless {
-        head.extend_from_slice(b"content-length: ");
-        head.extend_from_slice(body.len().to_string().as_bytes());
-        head.extend_from_slice(b"\r\n");
+        // Writing into a Vec cannot fail.
+        let _ = write!(head, "content-length: {}\r\n", body.len());
     }
     if !keep_alive {
         head.extend_from_slice(b"connection: close\r\n");

@@ -97,16 +97,23 @@ impl Conn {
     }
 }
 
-fn handshake_request(id: &str) -> Vec<u8> {
-    let body = format!(
-        r#"[{{"channel":"/meta/handshake","version":"1.0","supportedConnectionTypes":["long-polling"],"id":"{id}"}}]"#
-    );
+fn handshake_body(id: &str) -> Vec<u8> {
     format!(
-        "POST /cometd HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
+        r#"[{{"channel":"/meta/handshake","version":"1.0","supportedConnectionTypes":["long-polling"],"id":"{id}"}}]"#
     )
     .into_bytes()
+}
+
+fn handshake_request(id: &str) -> Vec<u8> {
+    let body = handshake_body(id);
+    let mut request = format!(
+        "POST /cometd HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&body);
+    request
 }
 
 fn assert_handshake(reply: &Reply, id: &str) {
@@ -200,7 +207,7 @@ async fn expect_100_continue_gets_continue_before_the_body_is_sent() {
 async fn chunked_body_with_extensions_and_trailers_is_read() {
     let server = TestServer::start(test_config()).await;
     let mut conn = Conn::open(&server).await;
-    let body = br#"[{"channel":"/meta/handshake","version":"1.0","supportedConnectionTypes":["long-polling"],"id":"k"}]"#;
+    let body = handshake_body("k");
     let (a, b) = body.split_at(20);
     let mut request = b"POST /cometd HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
         Transfer-Encoding: chunked\r\n\r\n"
@@ -227,7 +234,7 @@ async fn chunked_with_a_content_length_too_is_read_as_chunked_and_closes() {
     // What a proxy that copies the client's headers and adds a Content-Length sends.
     let server = TestServer::start(test_config()).await;
     let mut conn = Conn::open(&server).await;
-    let body = br#"[{"channel":"/meta/handshake","version":"1.0","supportedConnectionTypes":["long-polling"],"id":"both"}]"#;
+    let body = handshake_body("both");
     let mut request = format!(
         "POST /cometd HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\
          Content-Length: {}\r\n\r\n{:x}\r\n",
@@ -235,7 +242,7 @@ async fn chunked_with_a_content_length_too_is_read_as_chunked_and_closes() {
         body.len()
     )
     .into_bytes();
-    request.extend_from_slice(body);
+    request.extend_from_slice(&body);
     request.extend_from_slice(b"\r\n0\r\n\r\n");
     conn.send(&request).await;
     let reply = conn.reply().await;
@@ -325,6 +332,12 @@ async fn max_header_bytes_is_configurable() {
     conn.send(format!("GET /cometd?{} HTTP/1.1\r\n\r\n", "q".repeat(3000)).as_bytes())
         .await;
     assert_eq!(conn.reply().await.status, 414);
+    // More than 100 header fields, however short.
+    let mut conn = Conn::open(&server).await;
+    let many: String = (0..101).map(|i| format!("X-{i}: v\r\n")).collect();
+    conn.send(format!("GET /cometd HTTP/1.1\r\n{many}\r\n").as_bytes())
+        .await;
+    assert_eq!(conn.reply().await.status, 431);
     // ServerConfig refuses a uselessly small head limit.
     let mut bad = ServerConfig::default();
     bad.limits.max_header_bytes = 10;

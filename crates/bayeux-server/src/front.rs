@@ -37,25 +37,18 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tower::ServiceExt;
 use tower::util::Oneshot;
 
 use crate::broker::{Broker, stopped};
+use crate::transport::ws_socket::WsSocket;
 use crate::transport::{BodyError, websocket};
 
 /// Most header fields in one request; more get 431.
 const MAX_HEADERS: usize = 100;
 /// What the read buffer grows by.
 const READ_CHUNK: usize = 4096;
-/// Read buffer of each WebSocket connection. Small: tungstenite keeps it for the life of the
-/// socket, so it is most of what an idle WebSocket costs. A frame larger than this is read in
-/// further reads.
-const WS_READ_BUFFER_BYTES: usize = 1024;
-/// Write buffer of each WebSocket connection (allocated as frames are written).
-const WS_WRITE_BUFFER_BYTES: usize = 4096;
 /// After a response that closes the connection while request bytes are still unread (a body
 /// refused as too large), how much more is read and dropped, and for how long, so that the
 /// client gets the response rather than a reset.
@@ -236,7 +229,7 @@ impl Front {
         self: Arc<Self>,
         mut stream: TcpStream,
         remote: SocketAddr,
-    ) -> Option<(websocket::WebSocket, HeaderMap)> {
+    ) -> Option<(WsSocket, HeaderMap)> {
         let mut buf = BytesMut::new();
         let mut stop = self.broker.shutdown_signal();
         loop {
@@ -457,8 +450,10 @@ impl Front {
             ));
         };
         // An owned copy: the parsed values share the bytes of the read buffer, which would
-        // stay allocated for the life of the socket.
-        Ok((derive_accept_key(key.as_bytes()), owned_headers(headers)))
+        // stay allocated for the life of the socket. It is what the security policy sees with
+        // each message on the socket, so the headers that only negotiate the upgrade are left
+        // out (memory per idle client).
+        Ok((derive_accept_key(key.as_bytes()), owned_headers(headers, UPGRADE_ONLY)))
     }
 
     /// Answers a WebSocket upgrade of the Bayeux endpoint; the WebSocket and the request's
@@ -468,7 +463,7 @@ impl Front {
         mut stream: TcpStream,
         buf: BytesMut,
         request: Box<Request<Body>>,
-    ) -> Option<(websocket::WebSocket, HeaderMap)> {
+    ) -> Option<(WsSocket, HeaderMap)> {
         let version = request.version();
         let (key, headers) = match self.check_upgrade(*request) {
             Ok(accepted) => accepted,
@@ -491,16 +486,8 @@ impl Front {
         head.extend_from_slice(b"\r\n\r\n");
         stream.write_all(&head).await.ok()?;
         let max = self.broker.config().limits.max_frame_bytes;
-        let mut config = WebSocketConfig::default();
-        config.read_buffer_size = WS_READ_BUFFER_BYTES;
-        config.write_buffer_size = WS_WRITE_BUFFER_BYTES;
-        config.max_message_size = Some(max);
-        config.max_frame_size = Some(max);
         // Frames the client sent right behind its upgrade request are in `buf`.
-        let socket =
-            WebSocketStream::from_partially_read(stream, buf.to_vec(), Role::Server, Some(config))
-                .await;
-        Some((socket, headers))
+        Some((WsSocket::new(stream, buf, max), headers))
     }
 }
 
@@ -539,7 +526,7 @@ async fn read_more(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<us
 /// so the readiness is cleared here instead of by a further read that would fail with
 /// `WouldBlock`: one system call less per request. Bytes that arrive later raise a new event
 /// (tokio only clears the readiness it saw, and never the end-of-stream flag).
-fn read_ready(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+pub(crate) fn read_ready(stream: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
     let spare = buf.capacity() - buf.len();
     let n = stream.try_read_buf(buf)?;
     if n > 0 && n < spare {
@@ -756,10 +743,20 @@ fn wants_keep_alive(version: Version, headers: &HeaderMap) -> bool {
     }
 }
 
-/// A deep copy of `headers` whose values own their bytes.
-fn owned_headers(headers: &HeaderMap) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(headers.len());
-    for (name, value) in headers {
+/// Headers of a WebSocket upgrade request that only negotiate the upgrade.
+const UPGRADE_ONLY: &[HeaderName] = &[
+    header::CONNECTION,
+    header::UPGRADE,
+    header::SEC_WEBSOCKET_KEY,
+    header::SEC_WEBSOCKET_VERSION,
+    header::SEC_WEBSOCKET_EXTENSIONS,
+];
+
+/// A deep copy of `headers`, less those named in `skip`, whose values own their bytes.
+fn owned_headers(headers: &HeaderMap, skip: &[HeaderName]) -> HeaderMap {
+    let kept = |name: &HeaderName| !skip.contains(name);
+    let mut out = HeaderMap::with_capacity(headers.keys().filter(|n| kept(n)).count().max(1));
+    for (name, value) in headers.iter().filter(|(n, _)| kept(n)) {
         let mut copy = HeaderValue::from_maybe_shared(Bytes::copy_from_slice(value.as_bytes()))
             .unwrap_or_else(|_| HeaderValue::from_static(""));
         copy.set_sensitive(value.is_sensitive());
@@ -870,7 +867,7 @@ async fn write_response(
 /// Closes the connection after a last response. With `unread` request bytes possibly left
 /// (a refused body), reads and drops what still arrives for a while first: closing a socket with
 /// unread data resets it, and the client could lose the response.
-async fn close(mut stream: TcpStream, unread: bool) {
+pub(crate) async fn close(mut stream: TcpStream, unread: bool) {
     let _ = stream.shutdown().await;
     if unread {
         let drain = async {

@@ -4,6 +4,7 @@
 pub mod callback_polling;
 pub mod long_polling;
 pub mod websocket;
+pub(crate) mod ws_socket;
 
 use std::sync::Arc;
 

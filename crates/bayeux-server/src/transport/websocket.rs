@@ -11,20 +11,14 @@ use std::sync::Arc;
 use axum::http::HeaderMap;
 use bayeux_protocol::{ErrorKind, Message, connection_type, meta};
 use bytes::Bytes;
-use futures::stream::{FuturesOrdered, SplitSink, SplitStream};
-use futures::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
 use tokio::time::Instant;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 
+use super::ws_socket::{Failure, Incoming, WsSocket};
 use super::{BodyError, build_body, decode};
 use crate::broker::{Broker, Hold, Session};
 use crate::policy::RequestInfo;
-
-/// A WebSocket as the front end hands it over.
-pub(crate) type WebSocket = WebSocketStream<TcpStream>;
 
 /// Close code for a message larger than the limit.
 pub const CLOSE_TOO_BIG: u16 = 1009;
@@ -175,211 +169,205 @@ fn decode_frame(broker: &Broker, text: &[u8]) -> Result<Vec<Message>, Vec<u8>> {
     })
 }
 
-fn text(body: Vec<u8>) -> WsMessage {
-    let s = String::from_utf8(body)
-        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
-    WsMessage::Text(s.into())
-}
-
 fn is_empty_array(body: &[u8]) -> bool {
     body == b"[]"
 }
 
+/// How a connection's loop ended.
+enum End {
+    /// The socket is gone (end of stream, or a write failed).
+    Gone,
+    /// Close it with this code (`None`: the answer to an empty close) and reason.
+    Close(Option<u16>, String),
+}
+
 /// Runs one WebSocket connection until it closes or the server shuts down.
 ///
-/// Not an `async fn`: an `async fn` keeps its arguments for its whole life, so the socket,
-/// moved into its two halves by the split, would still take its full size in the future of
-/// every idle connection (memory per idle client).
+/// Not an `async fn`: an `async fn` keeps its arguments for its whole life beside the locals
+/// they are moved into, and this future lives as long as the socket (memory per idle client).
 pub(crate) fn run(
-    socket: WebSocket,
+    ws: WsSocket,
     broker: Arc<Broker>,
     headers: HeaderMap,
     remote: Option<SocketAddr>,
 ) -> impl Future<Output = ()> + Send {
-    let (sink, stream) = socket.split();
-    run_split(sink, stream, broker, headers, remote)
-}
-
-async fn run_split(
-    mut sink: SplitSink<WebSocket, WsMessage>,
-    mut stream: SplitStream<WebSocket>,
-    broker: Arc<Broker>,
-    headers: HeaderMap,
-    remote: Option<SocketAddr>,
-) {
-    broker.metrics().websockets.inc();
-    let info = RequestInfo {
-        headers: &headers,
-        remote,
-        connection_type: connection_type::WEBSOCKET,
-    };
-    let mut stop = broker.shutdown_signal();
-    let mut conn = Conn {
-        broker: broker.clone(),
-        bound: None,
-        pending: None,
-    };
-    let lazy = broker.config().timeouts.lazy_delay();
-    // Publishes in flight (see `pipelinable`): their replies, in the order the frames came.
-    // Made at the first one (it allocates), so that sockets that never publish pay nothing.
-    let mut publishes: Option<Pipeline<'_>> = None;
-    loop {
-        let session = conn.bound.clone();
-        let mut notified = session.as_ref().map(|s| Box::pin(s.notify.notified()));
-        if let Some(n) = notified.as_mut() {
-            n.as_mut().enable();
-        }
-        if conn.can_flush() {
-            if let Some(out) = conn.flush()
-                && sink.send(text(out)).await.is_err()
-            {
-                break;
+    let mut ws = ws;
+    async move {
+        broker.metrics().websockets.inc();
+        let info = RequestInfo {
+            headers: &headers,
+            remote,
+            connection_type: connection_type::WEBSOCKET,
+        };
+        let mut stop = broker.shutdown_signal();
+        let mut conn = Conn {
+            broker: broker.clone(),
+            bound: None,
+            pending: None,
+        };
+        let lazy = broker.config().timeouts.lazy_delay();
+        // Publishes in flight (see `pipelinable`): their replies, in the order the frames came.
+        // Made at the first one (it allocates), so that sockets that never publish pay nothing.
+        let mut publishes: Option<Pipeline<'_>> = None;
+        let end = loop {
+            let session = conn.bound.clone();
+            let mut notified = session.as_ref().map(|s| Box::pin(s.notify.notified()));
+            if let Some(n) = notified.as_mut() {
+                n.as_mut().enable();
             }
-            conn.commit().await;
-            continue;
-        }
-        let deadline = conn.pending.as_ref().map(|p| p.deadline);
-        tokio::select! {
-            Some(out) = next_reply(&mut publishes), if in_flight(&publishes) > 0 => {
-                if sink.send(text(out)).await.is_err() {
-                    break;
-                }
-            }
-            frame = stream.next(), if in_flight(&publishes) < PIPELINE => match frame {
-                Some(Ok(WsMessage::Text(t))) => {
-                    let messages = match decode_frame(&broker, t.as_bytes()) {
-                        Ok(m) => m,
-                        Err(out) => {
-                            // Answered in order, after the publishes before it.
-                            if !drain(&mut publishes, &mut sink).await
-                                || sink.send(text(out)).await.is_err()
-                            {
-                                break;
-                            }
-                            conn.commit().await;
-                            continue;
-                        }
-                    };
-                    if pipelinable(&broker, &messages) {
-                        let (broker, info) = (broker.clone(), &info);
-                        let pipeline = publishes.get_or_insert_with(FuturesOrdered::new);
-                        pipeline.push_back(Box::pin(async move {
-                            let processed = broker.process(info, messages).await;
-                            build_body(&processed.replies, &[], None)
-                        }));
-                        continue;
-                    }
-                    // Everything else waits for the publishes before it, answered in order.
-                    if !drain(&mut publishes, &mut sink).await {
-                        break;
-                    }
-                    // Boxed: processing a frame needs a large future; the loop that waits
-                    // between frames stays small (memory per idle client).
-                    let out = Box::pin(conn.on_messages(&info, messages)).await;
-                    if !is_empty_array(&out) && sink.send(text(out)).await.is_err() {
-                        break;
-                    }
-                    conn.commit().await;
-                }
-                Some(Ok(WsMessage::Binary(_))) => {
-                    let e = BodyError::new(
-                        axum::http::StatusCode::BAD_REQUEST,
-                        ErrorKind::MessageInvalid,
-                        "binary frames are not supported; send JSON text",
-                    );
-                    broker.metrics().error(400);
-                    if sink.send(text(e.body(&broker))).await.is_err() {
-                        break;
-                    }
-                }
-                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => {}
-                Some(Ok(WsMessage::Close(_))) => {
-                    // Publishes already read are answered; then the library's queued close
-                    // reply goes out before the socket is dropped, so the client sees a clean
-                    // close, not 1006.
-                    drain(&mut publishes, &mut sink).await;
-                    let _ = sink.flush().await;
-                    break;
-                }
-                None => break,
-                Some(Err(e)) => {
-                    let msg = e.to_string();
-                    let (code, reason) = if matches!(e, WsError::Capacity(_)) {
-                        broker.metrics().error(413);
-                        (CLOSE_TOO_BIG, format!(
-                            "message larger than {} bytes",
-                            broker.config().limits.max_frame_bytes
-                        ))
-                    } else if matches!(e, WsError::Utf8) {
-                        (CLOSE_INVALID_PAYLOAD, "text frame is not UTF-8".to_owned())
-                    } else {
-                        (CLOSE_PROTOCOL, "protocol error".to_owned())
-                    };
-                    tracing::debug!(error = %msg, "websocket read failed");
-                    let _ = sink
-                        .send(WsMessage::Close(Some(CloseFrame {
-                            code: code.into(),
-                            reason: reason.into(),
-                        })))
-                        .await;
-                    break;
-                }
-            },
-            _ = async {
-                match notified.as_mut() {
-                    Some(n) => n.await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                if !lazy.is_zero() {
-                    tokio::time::sleep(lazy).await;
-                }
+            if conn.can_flush() {
                 if let Some(out) = conn.flush()
-                    && sink.send(text(out)).await.is_err()
+                    && ws.send_text(&out).await.is_err()
                 {
-                    break;
+                    break End::Gone;
                 }
                 conn.commit().await;
+                continue;
             }
-            _ = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
+            let deadline = conn.pending.as_ref().map(|p| p.deadline);
+            tokio::select! {
+                Some(out) = next_reply(&mut publishes), if in_flight(&publishes) > 0 => {
+                    if ws.send_text(&out).await.is_err() {
+                        break End::Gone;
+                    }
                 }
-            } => {
-                if let Some(pending) = conn.pending.take() {
-                    let out = {
-                        let mut reply = pending.reply;
-                        let deliveries = conn
-                            .bound
-                            .as_ref()
-                            .map(|s| broker.take_for_connect(s, &mut reply))
-                            .unwrap_or_default();
-                        build_body(&[], &deliveries, Some(&reply))
-                    };
-                    if sink.send(text(out)).await.is_err() {
-                        break;
+                incoming = ws.next(), if in_flight(&publishes) < PIPELINE => match incoming {
+                    Some(Ok(Incoming::Text(t))) => {
+                        let messages = match decode_frame(&broker, &t) {
+                            Ok(m) => m,
+                            Err(out) => {
+                                // Answered in order, after the publishes before it.
+                                if !drain(&mut publishes, &mut ws).await
+                                    || ws.send_text(&out).await.is_err()
+                                {
+                                    break End::Gone;
+                                }
+                                conn.commit().await;
+                                continue;
+                            }
+                        };
+                        drop(t);
+                        if pipelinable(&broker, &messages) {
+                            let (broker, info) = (broker.clone(), &info);
+                            let pipeline = publishes.get_or_insert_with(FuturesOrdered::new);
+                            pipeline.push_back(Box::pin(async move {
+                                let processed = broker.process(info, messages).await;
+                                build_body(&processed.replies, &[], None)
+                            }));
+                            continue;
+                        }
+                        // Everything else waits for the publishes before it, answered in order.
+                        if !drain(&mut publishes, &mut ws).await {
+                            break End::Gone;
+                        }
+                        // Boxed: processing a frame needs a large future; the loop that waits
+                        // between frames stays small (memory per idle client).
+                        let out = Box::pin(conn.on_messages(&info, messages)).await;
+                        if !is_empty_array(&out) && ws.send_text(&out).await.is_err() {
+                            break End::Gone;
+                        }
+                        conn.commit().await;
+                    }
+                    Some(Ok(Incoming::Binary)) => {
+                        let e = BodyError::new(
+                            axum::http::StatusCode::BAD_REQUEST,
+                            ErrorKind::MessageInvalid,
+                            "binary frames are not supported; send JSON text",
+                        );
+                        broker.metrics().error(400);
+                        if ws.send_text(&e.body(&broker)).await.is_err() {
+                            break End::Gone;
+                        }
+                    }
+                    Some(Ok(Incoming::Ping(payload))) => {
+                        if ws.send_pong(&payload).await.is_err() {
+                            break End::Gone;
+                        }
+                    }
+                    Some(Ok(Incoming::Close(code))) => {
+                        // Publishes already read are answered; then the close is answered before
+                        // the socket is dropped, so the client sees a clean close, not 1006.
+                        if !drain(&mut publishes, &mut ws).await {
+                            break End::Gone;
+                        }
+                        break End::Close(code, String::new());
+                    }
+                    None => break End::Gone,
+                    Some(Err(failure)) => {
+                        let reason = match failure {
+                            Failure::TooBig => {
+                                broker.metrics().error(413);
+                                format!(
+                                    "message larger than {} bytes",
+                                    broker.config().limits.max_frame_bytes
+                                )
+                            }
+                            Failure::Utf8 => "text frame is not UTF-8".to_owned(),
+                            Failure::Protocol(what) => {
+                                tracing::debug!(error = what, "websocket protocol error");
+                                "protocol error".to_owned()
+                            }
+                        };
+                        break End::Close(Some(failure.close_code()), reason);
+                    }
+                },
+                _ = async {
+                    match notified.as_mut() {
+                        Some(n) => n.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if !lazy.is_zero() {
+                        tokio::time::sleep(lazy).await;
+                    }
+                    if let Some(out) = conn.flush()
+                        && ws.send_text(&out).await.is_err()
+                    {
+                        break End::Gone;
                     }
                     conn.commit().await;
                 }
-            }
-            _ = crate::broker::stopped(&mut stop) => {
-                drain(&mut publishes, &mut sink).await;
-                if let Some(pending) = conn.pending.take() {
-                    let _ = sink.send(text(build_body(&[], &[], Some(&pending.reply)))).await;
+                _ = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some(pending) = conn.pending.take() {
+                        let out = {
+                            let mut reply = pending.reply;
+                            let deliveries = conn
+                                .bound
+                                .as_ref()
+                                .map(|s| broker.take_for_connect(s, &mut reply))
+                                .unwrap_or_default();
+                            build_body(&[], &deliveries, Some(&reply))
+                        };
+                        if ws.send_text(&out).await.is_err() {
+                            break End::Gone;
+                        }
+                        conn.commit().await;
+                    }
                 }
-                let _ = sink
-                    .send(WsMessage::Close(Some(CloseFrame {
-                        code: CLOSE_GOING_AWAY.into(),
-                        reason: "server shutting down".into(),
-                    })))
-                    .await;
-                break;
+                _ = crate::broker::stopped(&mut stop) => {
+                    if !drain(&mut publishes, &mut ws).await {
+                        break End::Gone;
+                    }
+                    if let Some(pending) = conn.pending.take() {
+                        let _ = ws.send_text(&build_body(&[], &[], Some(&pending.reply))).await;
+                    }
+                    break End::Close(Some(CLOSE_GOING_AWAY), "server shutting down".to_owned());
+                }
             }
+        };
+        drop(publishes);
+        drop(conn);
+        if let End::Close(code, reason) = end {
+            // Boxed: it runs once, at the end.
+            Box::pin(ws.close(code, &reason)).await;
         }
+        broker.metrics().websockets.dec();
     }
-    drop(conn);
-    broker.metrics().websockets.dec();
 }
 
 /// Publishes in flight on one socket, each a future of its reply frame.
@@ -399,17 +387,39 @@ async fn next_reply(publishes: &mut Option<Pipeline<'_>>) -> Option<Vec<u8>> {
 
 /// Waits for every publish in flight and sends their replies, in order. False when the socket
 /// is gone.
-async fn drain(
-    publishes: &mut Option<Pipeline<'_>>,
-    sink: &mut SplitSink<WebSocket, WsMessage>,
-) -> bool {
+async fn drain(publishes: &mut Option<Pipeline<'_>>, ws: &mut WsSocket) -> bool {
     let Some(pipeline) = publishes.as_mut() else {
         return true;
     };
     while let Some(out) = pipeline.next().await {
-        if sink.send(text(out)).await.is_err() {
+        if ws.send_text(&out).await.is_err() {
             return false;
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The future of a WebSocket's task lives as long as the socket: memory per idle client.
+    /// This catches a change that makes it grow again.
+    #[tokio::test]
+    async fn a_websocket_future_stays_small() {
+        let broker = Broker::new(
+            crate::config::ServerConfig::default(),
+            Arc::new(bayeux_engine::memory::MemoryEngine::new(Default::default())),
+            Arc::new(crate::policy::AllowAll),
+            bayeux_protocol::Dialect::Cometd,
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        let ws = WsSocket::new(stream, bytes::BytesMut::new(), 1024);
+        let future = run(ws, broker, HeaderMap::new(), None);
+        let size = std::mem::size_of_val(&future);
+        assert!(size <= 1200, "websocket future is {size} bytes");
+    }
 }

@@ -453,7 +453,10 @@ impl Front {
         // stay allocated for the life of the socket. It is what the security policy sees with
         // each message on the socket, so the headers that only negotiate the upgrade are left
         // out (memory per idle client).
-        Ok((derive_accept_key(key.as_bytes()), owned_headers(headers, UPGRADE_ONLY)))
+        Ok((
+            derive_accept_key(key.as_bytes()),
+            owned_headers(headers, UPGRADE_ONLY),
+        ))
     }
 
     /// Answers a WebSocket upgrade of the Bayeux endpoint; the WebSocket and the request's

@@ -257,6 +257,13 @@ impl Session {
         !self.state.lock().queue.is_empty()
     }
 
+    /// True while replayed history waits for room in the queue (see [`Broker::refill`]).
+    ///
+    /// [`Broker::refill`]: crate::broker::Broker::refill
+    pub(crate) fn has_backlog(&self) -> bool {
+        !self.state.lock().backlog.is_empty()
+    }
+
     /// True when the handshake enabled the ack extension.
     pub fn ack_enabled(&self) -> bool {
         self.state.lock().ack.is_some()

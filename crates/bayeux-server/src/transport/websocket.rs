@@ -86,10 +86,16 @@ impl Conn {
     async fn commit(&self) {
         if let Some(session) = &self.bound {
             // Boxed: these run briefly, but inline they would grow the future of every idle
-            // connection.
-            // Taken by another node: the copy is stale now and the next frame claims it back.
-            let _ = Box::pin(self.broker.commit_delivery(session)).await;
-            if let Err(e) = Box::pin(self.broker.refill(session)).await {
+            // connection. Checked first, so that the common case (an engine of this node's own,
+            // no replayed history waiting) allocates nothing per frame.
+            if self.broker.engine().shared() {
+                // Taken by another node: the copy is stale now and the next frame claims it
+                // back.
+                let _ = Box::pin(self.broker.commit_delivery(session)).await;
+            }
+            if session.has_backlog()
+                && let Err(e) = Box::pin(self.broker.refill(session)).await
+            {
                 tracing::warn!(client_id = session.id(), error = %e, "replay refill failed");
             }
         }
@@ -211,9 +217,10 @@ pub(crate) fn run(
         let mut publishes: Option<Pipeline<'_>> = None;
         let end = loop {
             let session = conn.bound.clone();
-            let mut notified = session.as_ref().map(|s| Box::pin(s.notify.notified()));
-            if let Some(n) = notified.as_mut() {
-                n.as_mut().enable();
+            // Pinned in place, not boxed: it is made anew after every frame sent.
+            let mut notified = std::pin::pin!(session.as_ref().map(|s| s.notify.notified()));
+            if let Some(n) = notified.as_mut().as_pin_mut() {
+                n.enable();
             }
             if conn.can_flush() {
                 if let Some(out) = conn.flush()
@@ -312,7 +319,7 @@ pub(crate) fn run(
                     }
                 },
                 _ = async {
-                    match notified.as_mut() {
+                    match notified.as_mut().as_pin_mut() {
                         Some(n) => n.await,
                         None => std::future::pending().await,
                     }

@@ -83,11 +83,11 @@ pub(crate) async fn serve(
                             return;
                         };
                         // A WebSocket gets a task of its own, as large as it needs: this
-                        // one's size is paid by every connection.
-                        tokio::spawn(async move {
-                            websocket::run(socket, broker, headers, Some(remote)).await;
-                            drop(guard);
-                        });
+                        // one's size is paid by every connection. Its future is made here and
+                        // mapped, not awaited in an `async` block, which would store the
+                        // arguments beside the future they are moved into (memory per socket).
+                        let run = websocket::run(socket, broker, headers, Some(remote));
+                        tokio::spawn(futures::FutureExt::map(run, move |()| drop(guard)));
                     });
                 }
                 Err(e) => {

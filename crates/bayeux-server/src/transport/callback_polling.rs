@@ -70,7 +70,7 @@ pub(crate) async fn handle(
             connection_type: connection_type::CALLBACK_POLLING,
         };
         let processed = broker.process(&info, messages).await;
-        Ok((callback, answer_http(&broker, processed).await))
+        Ok((callback, answer_http(&broker, Box::new(processed)).await))
     }
     .await;
     match result {

@@ -95,7 +95,7 @@ pub(crate) fn handle(
     Box::pin(async move {
         let mut response = match prepared.await {
             Ok(processed) => {
-                let (status, body) = answer_http(&broker, *processed).await;
+                let (status, body) = answer_http(&broker, processed).await;
                 json_response(status, body)
             }
             Err(e) => e.response(&broker),

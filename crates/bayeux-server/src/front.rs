@@ -41,7 +41,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tower::ServiceExt;
 use tower::util::Oneshot;
 
-use crate::broker::{Broker, stopped};
+use crate::broker::Broker;
 use crate::transport::ws_socket::WsSocket;
 use crate::transport::{BodyError, websocket};
 
@@ -66,7 +66,6 @@ pub(crate) async fn serve(
 ) {
     let front = Arc::new(Front::new(broker.clone(), router));
     let open = Arc::new(OpenConnections::default());
-    let mut stop = broker.shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -101,7 +100,7 @@ pub(crate) async fn serve(
                 broker.shutdown();
                 break;
             }
-            _ = stopped(&mut stop) => break,
+            _ = broker.stopped() => break,
         }
     }
     drop(listener);
@@ -231,14 +230,13 @@ impl Front {
         remote: SocketAddr,
     ) -> Option<(WsSocket, HeaderMap)> {
         let mut buf = BytesMut::new();
-        let mut stop = self.broker.shutdown_signal();
         loop {
             if buf.is_empty() {
                 // Between requests: no read buffer held until the next one arrives.
                 let wait = Box::pin(async {
                     tokio::select! {
                         first = first_bytes(&stream, &mut buf) => first,
-                        _ = stopped(&mut stop) => false,
+                        _ = self.broker.stopped() => false,
                     }
                 });
                 if !wait.await {

@@ -23,8 +23,9 @@ use bayeux_protocol::{
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use serde_json::{Map, Value};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use session::AckState;
 pub use session::{Delivery, Enqueued, Session};
@@ -91,11 +92,6 @@ pub enum HoldEnd {
     Shutdown,
 }
 
-/// Resolves once `stop` turns true (or its sender is gone).
-pub async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
-
 /// Keeps a session marked as held; on drop the hold ends and the expiry clock restarts.
 pub struct Hold {
     session: Arc<Session>,
@@ -134,7 +130,10 @@ pub struct Broker {
     /// Cursor commits for the shared engine, batched by one task (see `shared.rs`).
     commits: shared::Committer,
     metrics: Arc<Metrics>,
-    shutdown_tx: watch::Sender<bool>,
+    /// Cancelled at [`Broker::shutdown`]. A token, not a `watch` channel: waiting on it is a
+    /// future of about half the size, and every held connect and open WebSocket waits on it
+    /// (memory per idle client).
+    stopping: CancellationToken,
 }
 
 impl std::fmt::Debug for Broker {
@@ -164,7 +163,6 @@ impl Broker {
         policy: Arc<dyn SecurityPolicy>,
         dialect: Dialect,
     ) -> Arc<Self> {
-        let (shutdown_tx, _) = watch::channel(false);
         let shared = engine.shared();
         Arc::new(Broker {
             shared,
@@ -181,7 +179,7 @@ impl Broker {
             stall_window: Mutex::new(None),
             next_seq: AtomicU64::new(1),
             metrics: Arc::new(Metrics::new()),
-            shutdown_tx,
+            stopping: CancellationToken::new(),
         })
     }
 
@@ -192,7 +190,7 @@ impl Broker {
         }
         let mut feed = self.engine.feed();
         let broker = Arc::downgrade(self);
-        let mut stop = self.shutdown_tx.subscribe();
+        let stop = self.stopping.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -200,12 +198,12 @@ impl Broker {
                         let (Some(stored), Some(broker)) = (stored, broker.upgrade()) else { break };
                         broker.fan_out(&stored);
                     }
-                    _ = stopped(&mut stop) => break,
+                    _ = stop.cancelled() => break,
                 }
             }
         });
         let broker = Arc::downgrade(self);
-        let mut stop = self.shutdown_tx.subscribe();
+        let stop = self.stopping.clone();
         let period = Duration::from_millis(self.config.timeouts.sweep_interval_ms);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
@@ -225,7 +223,7 @@ impl Broker {
                             }
                         }
                     }
-                    _ = stopped(&mut stop) => break,
+                    _ = stop.cancelled() => break,
                 }
             }
         });
@@ -233,17 +231,17 @@ impl Broker {
 
     /// Asks held connects to return and background tasks to stop.
     pub fn shutdown(&self) {
-        self.shutdown_tx.send_replace(true);
+        self.stopping.cancel();
     }
 
     /// True once [`Broker::shutdown`] was called.
     pub fn is_shutting_down(&self) -> bool {
-        *self.shutdown_tx.borrow()
+        self.stopping.is_cancelled()
     }
 
-    /// A receiver that turns `true` at shutdown.
-    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
-        self.shutdown_tx.subscribe()
+    /// Resolves at shutdown (at once if it has begun).
+    pub fn stopped(&self) -> WaitForCancellationFuture<'_> {
+        self.stopping.cancelled()
     }
 
     /// The configuration.
@@ -1361,7 +1359,6 @@ impl Broker {
     pub async fn hold_connect(&self, session: &Arc<Session>, timeout: Duration) -> HoldEnd {
         let (_hold, mut released) = self.begin_hold(session, true);
         let deadline = Instant::now() + timeout;
-        let mut stop = self.shutdown_signal();
         loop {
             let notified = session.notify.notified();
             tokio::pin!(notified);
@@ -1376,7 +1373,7 @@ impl Broker {
                 _ = &mut notified => {}
                 _ = tokio::time::sleep_until(deadline) => return HoldEnd::Timeout,
                 _ = &mut released => return HoldEnd::Superseded,
-                _ = stopped(&mut stop) => return HoldEnd::Shutdown,
+                _ = self.stopped() => return HoldEnd::Shutdown,
             }
         }
         let lazy = self

@@ -205,7 +205,6 @@ pub(crate) fn run(
             remote,
             connection_type: connection_type::WEBSOCKET,
         };
-        let mut stop = broker.shutdown_signal();
         let mut conn = Conn {
             broker: broker.clone(),
             bound: None,
@@ -356,7 +355,7 @@ pub(crate) fn run(
                         conn.commit().await;
                     }
                 }
-                _ = crate::broker::stopped(&mut stop) => {
+                _ = broker.stopped() => {
                     if !drain(&mut publishes, &mut ws).await {
                         break End::Gone;
                     }
@@ -427,6 +426,6 @@ mod tests {
         let ws = WsSocket::new(stream, bytes::BytesMut::new(), 1024);
         let future = run(ws, broker, HeaderMap::new(), None);
         let size = std::mem::size_of_val(&future);
-        assert!(size <= 1200, "websocket future is {size} bytes");
+        assert!(size <= 1100, "websocket future is {size} bytes");
     }
 }

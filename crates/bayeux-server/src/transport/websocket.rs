@@ -210,7 +210,6 @@ pub(crate) fn run(
             bound: None,
             pending: None,
         };
-        let lazy = broker.config().timeouts.lazy_delay();
         // Publishes in flight (see `pipelinable`): their replies, in the order the frames came.
         // Made at the first one (it allocates), so that sockets that never publish pay nothing.
         let mut publishes: Option<Pipeline<'_>> = None;
@@ -231,139 +230,36 @@ pub(crate) fn run(
                 continue;
             }
             let deadline = conn.pending.as_ref().map(|p| p.deadline);
-            tokio::select! {
+            // Only waiting here; what an event needs is done in `on_event`, boxed, so that this
+            // future, which lives as long as the socket, holds none of it between events
+            // (memory per idle client).
+            let event = tokio::select! {
                 Some(out) = next_reply(&mut publishes), if in_flight(&publishes) > 0 => {
-                    if ws.send_text(&out).await.is_err() {
-                        break End::Gone;
-                    }
+                    Event::Reply(out)
                 }
-                incoming = ws.next(), if in_flight(&publishes) < PIPELINE => match incoming {
-                    Some(Ok(Incoming::Text(t))) => {
-                        let messages = match decode_frame(&broker, &t) {
-                            Ok(m) => m,
-                            Err(out) => {
-                                // Answered in order, after the publishes before it.
-                                if !drain(&mut publishes, &mut ws).await
-                                    || ws.send_text(&out).await.is_err()
-                                {
-                                    break End::Gone;
-                                }
-                                conn.commit().await;
-                                continue;
-                            }
-                        };
-                        drop(t);
-                        if pipelinable(&broker, &messages) {
-                            let (broker, info) = (broker.clone(), &info);
-                            let pipeline = publishes.get_or_insert_with(FuturesOrdered::new);
-                            pipeline.push_back(Box::pin(async move {
-                                let processed = broker.process(info, messages).await;
-                                build_body(&processed.replies, &[], None)
-                            }));
-                            continue;
-                        }
-                        // Everything else waits for the publishes before it, answered in order.
-                        if !drain(&mut publishes, &mut ws).await {
-                            break End::Gone;
-                        }
-                        // Boxed: processing a frame needs a large future; the loop that waits
-                        // between frames stays small (memory per idle client).
-                        let out = Box::pin(conn.on_messages(&info, messages)).await;
-                        if !is_empty_array(&out) && ws.send_text(&out).await.is_err() {
-                            break End::Gone;
-                        }
-                        conn.commit().await;
-                    }
-                    Some(Ok(Incoming::Binary)) => {
-                        let e = BodyError::new(
-                            axum::http::StatusCode::BAD_REQUEST,
-                            ErrorKind::MessageInvalid,
-                            "binary frames are not supported; send JSON text",
-                        );
-                        broker.metrics().error(400);
-                        if ws.send_text(&e.body(&broker)).await.is_err() {
-                            break End::Gone;
-                        }
-                    }
-                    Some(Ok(Incoming::Ping(payload))) => {
-                        if ws.send_pong(&payload).await.is_err() {
-                            break End::Gone;
-                        }
-                    }
-                    Some(Ok(Incoming::Close(code))) => {
-                        // Publishes already read are answered; then the close is answered before
-                        // the socket is dropped, so the client sees a clean close, not 1006.
-                        if !drain(&mut publishes, &mut ws).await {
-                            break End::Gone;
-                        }
-                        break End::Close(code, String::new());
-                    }
-                    None => break End::Gone,
-                    Some(Err(failure)) => {
-                        let reason = match failure {
-                            Failure::TooBig => {
-                                broker.metrics().error(413);
-                                format!(
-                                    "message larger than {} bytes",
-                                    broker.config().limits.max_frame_bytes
-                                )
-                            }
-                            Failure::Utf8 => "text frame is not UTF-8".to_owned(),
-                            Failure::Protocol(what) => {
-                                tracing::debug!(error = what, "websocket protocol error");
-                                "protocol error".to_owned()
-                            }
-                        };
-                        break End::Close(Some(failure.close_code()), reason);
-                    }
-                },
+                incoming = ws.next(), if in_flight(&publishes) < PIPELINE => Event::Frame(incoming),
                 _ = async {
                     match notified.as_mut().as_pin_mut() {
                         Some(n) => n.await,
                         None => std::future::pending().await,
                     }
-                } => {
-                    if !lazy.is_zero() {
-                        tokio::time::sleep(lazy).await;
-                    }
-                    if let Some(out) = conn.flush()
-                        && ws.send_text(&out).await.is_err()
-                    {
-                        break End::Gone;
-                    }
-                    conn.commit().await;
-                }
+                } => Event::Notified,
                 _ = async {
                     match deadline {
                         Some(d) => tokio::time::sleep_until(d).await,
                         None => std::future::pending().await,
                     }
-                } => {
-                    if let Some(pending) = conn.pending.take() {
-                        let out = {
-                            let mut reply = pending.reply;
-                            let deliveries = conn
-                                .bound
-                                .as_ref()
-                                .map(|s| broker.take_for_connect(s, &mut reply))
-                                .unwrap_or_default();
-                            build_body(&[], &deliveries, Some(&reply))
-                        };
-                        if ws.send_text(&out).await.is_err() {
-                            break End::Gone;
-                        }
-                        conn.commit().await;
-                    }
-                }
-                _ = broker.stopped() => {
-                    if !drain(&mut publishes, &mut ws).await {
-                        break End::Gone;
-                    }
-                    if let Some(pending) = conn.pending.take() {
-                        let _ = ws.send_text(&build_body(&[], &[], Some(&pending.reply))).await;
-                    }
-                    break End::Close(Some(CLOSE_GOING_AWAY), "server shutting down".to_owned());
-                }
+                } => Event::Deadline,
+                _ = broker.stopped() => Event::Stopped,
+            };
+            if matches!(event, Event::Notified) && broker.config().timeouts.lazy_delay().is_zero() {
+                // The common delivery: sent at the top of the loop, no box needed.
+                continue;
+            }
+            if let Some(end) =
+                Box::pin(on_event(&mut conn, &mut ws, &mut publishes, &info, event)).await
+            {
+                break end;
             }
         };
         drop(publishes);
@@ -374,6 +270,158 @@ pub(crate) fn run(
         }
         broker.metrics().websockets.dec();
     }
+}
+
+/// What woke a connection's loop.
+enum Event {
+    /// A pipelined publish is done: its reply frame.
+    Reply(Vec<u8>),
+    /// A frame came in (`None`: the stream ended).
+    Frame(Option<Result<Incoming, Failure>>),
+    /// The bound session has messages, or closed.
+    Notified,
+    /// The held connect's timeout passed.
+    Deadline,
+    /// The server is shutting down.
+    Stopped,
+}
+
+/// Handles one event of a connection's loop; `Some` ends the loop.
+async fn on_event<'a>(
+    conn: &mut Conn,
+    ws: &mut WsSocket,
+    publishes: &mut Option<Pipeline<'a>>,
+    info: &'a RequestInfo<'_>,
+    event: Event,
+) -> Option<End> {
+    let broker = conn.broker.clone();
+    match event {
+        Event::Reply(out) => {
+            if ws.send_text(&out).await.is_err() {
+                return Some(End::Gone);
+            }
+        }
+        Event::Frame(incoming) => match incoming {
+            Some(Ok(Incoming::Text(t))) => {
+                let messages = match decode_frame(&broker, &t) {
+                    Ok(m) => m,
+                    Err(out) => {
+                        // Answered in order, after the publishes before it.
+                        if !drain(publishes, ws).await || ws.send_text(&out).await.is_err() {
+                            return Some(End::Gone);
+                        }
+                        conn.commit().await;
+                        return None;
+                    }
+                };
+                drop(t);
+                if pipelinable(&broker, &messages) {
+                    let pipeline = publishes.get_or_insert_with(FuturesOrdered::new);
+                    pipeline.push_back(Box::pin(async move {
+                        let processed = broker.process(info, messages).await;
+                        build_body(&processed.replies, &[], None)
+                    }));
+                    return None;
+                }
+                // Everything else waits for the publishes before it, answered in order.
+                if !drain(publishes, ws).await {
+                    return Some(End::Gone);
+                }
+                // Boxed: processing a frame needs a large future.
+                let out = Box::pin(conn.on_messages(info, messages)).await;
+                if !is_empty_array(&out) && ws.send_text(&out).await.is_err() {
+                    return Some(End::Gone);
+                }
+                conn.commit().await;
+            }
+            Some(Ok(Incoming::Binary)) => {
+                let e = BodyError::new(
+                    axum::http::StatusCode::BAD_REQUEST,
+                    ErrorKind::MessageInvalid,
+                    "binary frames are not supported; send JSON text",
+                );
+                broker.metrics().error(400);
+                if ws.send_text(&e.body(&broker)).await.is_err() {
+                    return Some(End::Gone);
+                }
+            }
+            Some(Ok(Incoming::Ping(payload))) => {
+                if ws.send_pong(&payload).await.is_err() {
+                    return Some(End::Gone);
+                }
+            }
+            Some(Ok(Incoming::Close(code))) => {
+                // Publishes already read are answered; then the close is answered before the
+                // socket is dropped, so the client sees a clean close, not 1006.
+                if !drain(publishes, ws).await {
+                    return Some(End::Gone);
+                }
+                return Some(End::Close(code, String::new()));
+            }
+            None => return Some(End::Gone),
+            Some(Err(failure)) => {
+                let reason = match failure {
+                    Failure::TooBig => {
+                        broker.metrics().error(413);
+                        format!(
+                            "message larger than {} bytes",
+                            broker.config().limits.max_frame_bytes
+                        )
+                    }
+                    Failure::Utf8 => "text frame is not UTF-8".to_owned(),
+                    Failure::Protocol(what) => {
+                        tracing::debug!(error = what, "websocket protocol error");
+                        "protocol error".to_owned()
+                    }
+                };
+                return Some(End::Close(Some(failure.close_code()), reason));
+            }
+        },
+        Event::Notified => {
+            let lazy = broker.config().timeouts.lazy_delay();
+            if !lazy.is_zero() {
+                tokio::time::sleep(lazy).await;
+            }
+            if let Some(out) = conn.flush()
+                && ws.send_text(&out).await.is_err()
+            {
+                return Some(End::Gone);
+            }
+            conn.commit().await;
+        }
+        Event::Deadline => {
+            if let Some(pending) = conn.pending.take() {
+                let out = {
+                    let mut reply = pending.reply;
+                    let deliveries = conn
+                        .bound
+                        .as_ref()
+                        .map(|s| broker.take_for_connect(s, &mut reply))
+                        .unwrap_or_default();
+                    build_body(&[], &deliveries, Some(&reply))
+                };
+                if ws.send_text(&out).await.is_err() {
+                    return Some(End::Gone);
+                }
+                conn.commit().await;
+            }
+        }
+        Event::Stopped => {
+            if !drain(publishes, ws).await {
+                return Some(End::Gone);
+            }
+            if let Some(pending) = conn.pending.take() {
+                let _ = ws
+                    .send_text(&build_body(&[], &[], Some(&pending.reply)))
+                    .await;
+            }
+            return Some(End::Close(
+                Some(CLOSE_GOING_AWAY),
+                "server shutting down".to_owned(),
+            ));
+        }
+    }
+    None
 }
 
 /// Publishes in flight on one socket, each a future of its reply frame.
@@ -426,6 +474,6 @@ mod tests {
         let ws = WsSocket::new(stream, bytes::BytesMut::new(), 1024);
         let future = run(ws, broker, HeaderMap::new(), None);
         let size = std::mem::size_of_val(&future);
-        assert!(size <= 1100, "websocket future is {size} bytes");
+        assert!(size <= 850, "websocket future is {size} bytes");
     }
 }

@@ -1,6 +1,7 @@
 //! The HTTP/1.1 front end: accepts connections, reads requests (parsed by `httparse`), hands
-//! them to the axum router and writes the responses. A WebSocket upgrade of the Bayeux endpoint
-//! turns its connection into a WebSocket run by the WebSocket transport.
+//! them to the Bayeux endpoint (straight, when the endpoint has a path of its own) or to the
+//! axum router, and writes the responses. A WebSocket upgrade of the Bayeux endpoint turns its
+//! connection into a WebSocket run by the WebSocket transport.
 //!
 //! Why not hyper's server: memory per idle client. A held long-poll is a connection whose request
 //! is in the handler for up to `connect_timeout_ms`, and hyper keeps its 8 KiB read buffer (grown
@@ -20,7 +21,6 @@
 
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
@@ -33,13 +33,13 @@ use axum::http::{
 };
 use bayeux_protocol::ErrorKind;
 use bytes::{Buf, Bytes, BytesMut};
+use futures::future::BoxFuture;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tower::ServiceExt;
-use tower::util::Oneshot;
 
 use crate::broker::Broker;
 use crate::transport::ws_socket::WsSocket;
@@ -186,7 +186,7 @@ enum Framing {
 enum Job {
     /// Hand it to the router and write the response.
     Http {
-        handler: Pin<Box<Oneshot<Router, Request<Body>>>>,
+        handler: BoxFuture<'static, Response<Body>>,
         version: Version,
         head_only: bool,
         keep_alive: bool,
@@ -247,11 +247,11 @@ impl Front {
             let job = {
                 let read = Box::pin(tokio::time::timeout(
                     self.read_timeout,
-                    self.read_request(&mut stream, &mut buf, remote),
+                    self.read_request(&mut stream, &mut buf),
                 ))
                 .await;
                 match read {
-                    Ok(Ok(incoming)) => self.job(incoming, &mut buf),
+                    Ok(Ok(incoming)) => self.job(incoming, &mut buf, remote),
                     Ok(Err(ReadError::Status(status))) => Job::Refuse(status),
                     Ok(Err(ReadError::Closed)) | Err(_) => return None,
                 }
@@ -278,10 +278,7 @@ impl Front {
                 }
             };
             let keep_alive = {
-                let response = match handler.await {
-                    Ok(response) => response,
-                    Err(never) => match never {},
-                };
+                let response = handler.await;
                 let keep_alive = keep_alive
                     && !self.broker.is_shutting_down()
                     && !has_token(response.headers(), header::CONNECTION, "close");
@@ -305,7 +302,7 @@ impl Front {
     }
 
     /// What to do with a request just read.
-    fn job(&self, incoming: Incoming, buf: &mut BytesMut) -> Job {
+    fn job(&self, incoming: Incoming, buf: &mut BytesMut, remote: SocketAddr) -> Job {
         let Incoming {
             request,
             truncated,
@@ -321,8 +318,24 @@ impl Front {
             // Not kept while the handler runs (a long-poll is held there).
             *buf = BytesMut::new();
         }
+        let handler = if endpoint && self.broker.config().path != "/" {
+            // Straight to the endpoint: the router's matching and its layers of boxed futures
+            // cost more than the rest of a small request (CPU per delivery). At `/` the
+            // endpoint shares its path with the other routes, so the router picks.
+            crate::http::serve_endpoint(self.broker.clone(), request, Some(remote))
+        } else {
+            let mut request = request;
+            request.extensions_mut().insert(ConnectInfo(remote));
+            let routed = self.router.clone().oneshot(request);
+            Box::pin(async move {
+                match routed.await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                }
+            })
+        };
         Job::Http {
-            handler: Box::pin(self.router.clone().oneshot(request)),
+            handler,
             version,
             head_only,
             keep_alive,
@@ -346,9 +359,8 @@ impl Front {
         &self,
         stream: &mut TcpStream,
         buf: &mut BytesMut,
-        remote: SocketAddr,
     ) -> Result<Incoming, ReadError> {
-        let (mut parts, framing) = loop {
+        let (parts, framing) = loop {
             if !buf.is_empty()
                 && let Some(head) = parse_head(buf, self.max_head)?
             {
@@ -358,7 +370,6 @@ impl Front {
                 return Err(ReadError::Closed);
             }
         };
-        parts.extensions.insert(ConnectInfo(remote));
         let continue_expected = parts.version == Version::HTTP_11
             && parts
                 .headers

@@ -1,6 +1,7 @@
 //! The HTTP routes: one axum router that dispatches the Bayeux endpoint (and everything under
 //! it) to the long-polling or callback-polling transport, plus `/metrics`. The connections
-//! themselves, and WebSocket upgrades, are the front end's ([`crate::front`]).
+//! themselves, and WebSocket upgrades, are the front end's ([`crate::front`]), which calls
+//! `serve_endpoint` without the router when the endpoint's path is not `/`.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -53,15 +54,25 @@ async fn metrics(State(broker): State<Arc<Broker>>) -> Response {
     response
 }
 
-/// The Bayeux endpoint. Not an `async fn`: it picks the transport at once and returns that
-/// transport's future, so a held long-poll keeps only the long-polling future (an `async fn`
-/// would keep the request it was given, and be as large as its largest branch, for the whole
-/// hold: memory per idle client).
+/// The Bayeux endpoint as an axum handler (the front end calls [`serve_endpoint`] without
+/// going through the router).
 fn endpoint(State(broker): State<Arc<Broker>>, request: Request) -> BoxFuture<'static, Response> {
     let remote = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
+    serve_endpoint(broker, request, remote)
+}
+
+/// Serves one request to the Bayeux endpoint. Not an `async fn`: it picks the transport at
+/// once and returns that transport's future, so a held long-poll keeps only the long-polling
+/// future (an `async fn` would keep the request it was given, and be as large as its largest
+/// branch, for the whole hold: memory per idle client).
+pub(crate) fn serve_endpoint(
+    broker: Arc<Broker>,
+    request: Request,
+    remote: Option<SocketAddr>,
+) -> BoxFuture<'static, Response> {
     // WebSocket upgrades of the endpoint never get here: the front end answers them.
     let (parts, body) = request.into_parts();
     if let Some(error) = salesforce_version_error(&broker, parts.uri.path()) {

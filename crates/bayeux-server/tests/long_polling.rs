@@ -413,3 +413,23 @@ async fn graceful_shutdown_answers_held_connects() {
     assert_eq!(reply["successful"], true);
     assert!(start.elapsed() < Duration::from_secs(2));
 }
+
+/// At path `/` the endpoint shares its path with `/metrics`: Bayeux requests are served
+/// (the front end hands them to the router there, not straight to the endpoint) and
+/// `/metrics` still answers the metrics, not a Bayeux error.
+#[tokio::test]
+async fn endpoint_at_root_path_leaves_metrics_alone() {
+    let mut config = test_config();
+    config.path = "/".to_owned();
+    let server = TestServer::start(config).await;
+    let sub = subscribed(&server, json!("/root")).await;
+    sub.publish("/root", json!("here")).await;
+    let got = receive(&sub, 1).await;
+    assert_eq!(got[0]["data"], "here");
+    let response = reqwest::get(format!("{}/metrics", server.base))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    assert!(text.contains("bayeux_messages_published_total 1"), "{text}");
+}

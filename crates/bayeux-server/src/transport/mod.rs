@@ -141,36 +141,41 @@ pub(crate) async fn answer_http(
     // Replayed history waiting for room in the queue comes in now, ahead of any hold.
     // (Boxed, as everything that is not alive during the hold: the future that waits for
     // messages stays small, and there is one per idle long-poll client.)
-    if let Err(e) = Box::pin(broker.refill(&plan.session)).await {
+    if plan.session.has_backlog()
+        && let Err(e) = Box::pin(broker.refill(&plan.session)).await
+    {
         tracing::warn!(client_id = plan.session.id(), error = %e, "replay refill failed");
     }
     let end = match plan.hold {
         Some(timeout) => broker.hold_connect(&plan.session, timeout).await,
         None => HoldEnd::Messages,
     };
-    Box::pin(finish_http(broker, processed, arrived, end)).await
+    finish_http(broker, processed, arrived, end).await
 }
 
-/// The end of [`answer_http`], once the hold is over.
 /// How often a long-polling response is rebuilt when its session turns out to have been taken
 /// by another node (shared engines), before it is sent as it is.
 const MAX_RESYNCS: u32 = 3;
 
+/// The end of [`answer_http`], once the hold is over. It works on the processed request in its
+/// box (the reply is answered in place), and boxes what only shared engines wait for, so that
+/// its future stays a small part of [`answer_http`]'s and is made without a copy or an
+/// allocation per request (CPU per delivery).
 async fn finish_http(
     broker: &Arc<Broker>,
-    processed: Box<Processed>,
+    mut processed: Box<Processed>,
     arrived: tokio::time::Instant,
     end: HoldEnd,
 ) -> (StatusCode, Vec<u8>) {
-    let Processed { replies, connect } = *processed;
+    let Processed { replies, connect } = &mut *processed;
     let Some(plan) = connect else {
-        return (StatusCode::OK, build_body(&replies, &[], None));
+        return (StatusCode::OK, build_body(replies, &[], None));
     };
-    let mut reply = plan.reply;
     if broker.stalled_since(arrived) && end != HoldEnd::Shutdown {
         // Fault injection: this connect is never answered. Nothing is taken from the queue,
         // so the messages wait for whatever connect comes next.
         broker.stopped().await;
+        let reply = std::mem::take(&mut plan.reply);
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             build_body(
@@ -184,7 +189,8 @@ async fn finish_http(
         HoldEnd::Superseded => {
             // As CometD: the older request fails with HTTP 500, so a client that really has
             // two connects outstanding backs off instead of looping.
-            let reply = reply.failed(ErrorKind::ConnectSuperseded.wire(broker.dialect()));
+            let reply = std::mem::take(&mut plan.reply)
+                .failed(ErrorKind::ConnectSuperseded.wire(broker.dialect()));
             broker.metrics().error(500);
             return (
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -192,7 +198,7 @@ async fn finish_http(
             );
         }
         HoldEnd::Closed(reason) => {
-            reply = broker.closed_connect_reply(reply, reason);
+            plan.reply = broker.closed_connect_reply(std::mem::take(&mut plan.reply), reason);
             if reason == crate::broker::CloseReason::ServerDisconnect {
                 // The server-sent `/meta/disconnect` waits in the queue.
                 plan.session.drain()
@@ -203,22 +209,25 @@ async fn finish_http(
         HoldEnd::Messages | HoldEnd::Timeout | HoldEnd::Shutdown => {
             let mut attempts = 1;
             loop {
-                let deliveries = broker.take_for_connect(&plan.session, &mut reply);
+                let deliveries = broker.take_for_connect(&plan.session, &mut plan.reply);
+                if !broker.engine().shared() {
+                    break deliveries;
+                }
                 // Shared engines: the response leaves only once what it carries is committed.
-                let outcome = broker.commit_delivery(&plan.session).await;
+                let outcome = Box::pin(broker.commit_delivery(&plan.session)).await;
                 if outcome != Committed::Taken || attempts == MAX_RESYNCS {
                     break deliveries;
                 }
                 // Another node served the client since this copy was made: what was taken may
                 // have been sent already. Claim the session back and take again.
                 attempts += 1;
-                broker.resync(&plan.session, plan.client_ack).await;
+                Box::pin(broker.resync(&plan.session, plan.client_ack)).await;
             }
         }
     };
     (
         StatusCode::OK,
-        build_body(&replies, &deliveries, Some(&reply)),
+        build_body(replies, &deliveries, Some(&plan.reply)),
     )
 }
 

@@ -153,6 +153,11 @@ impl Drop for OpenGuard {
 struct Front {
     broker: Arc<Broker>,
     router: Router,
+    /// Requests to the Bayeux endpoint go straight to it, not through the router: the router's
+    /// matching and its layers of boxed futures cost more than the rest of a small request (CPU
+    /// per delivery). Not when the endpoint is at `/`: it shares its path with the other
+    /// routes then, and the router picks.
+    direct: bool,
     max_head: usize,
     max_body: usize,
     read_timeout: Duration,
@@ -215,6 +220,7 @@ impl Front {
             max_body: config.limits.max_body_bytes,
             read_timeout: Duration::from_millis(config.timeouts.request_read_timeout_ms),
             router,
+            direct: config.path != "/",
             broker,
         }
     }
@@ -318,10 +324,7 @@ impl Front {
             // Not kept while the handler runs (a long-poll is held there).
             *buf = BytesMut::new();
         }
-        let handler = if endpoint && self.broker.config().path != "/" {
-            // Straight to the endpoint: the router's matching and its layers of boxed futures
-            // cost more than the rest of a small request (CPU per delivery). At `/` the
-            // endpoint shares its path with the other routes, so the router picks.
+        let handler = if endpoint && self.direct {
             crate::http::serve_endpoint(self.broker.clone(), request, Some(remote))
         } else {
             let mut request = request;
@@ -905,12 +908,7 @@ mod tests {
     /// and scoped; this catches a change that makes it grow again.
     #[tokio::test]
     async fn a_connection_future_stays_small() {
-        let broker = crate::broker::Broker::new(
-            crate::config::ServerConfig::default(),
-            Arc::new(bayeux_engine::memory::MemoryEngine::new(Default::default())),
-            Arc::new(crate::policy::AllowAll),
-            bayeux_protocol::Dialect::Cometd,
-        );
+        let broker = crate::broker::test_broker();
         let front = Arc::new(Front::new(broker, Router::new()));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -226,3 +226,22 @@ async fn publishes_sent_without_waiting_keep_their_order() {
         );
     }
 }
+
+/// With a lazy delay, messages published within it reach a WebSocket subscriber together, in
+/// one frame, and the held connect is not answered by them.
+#[tokio::test]
+async fn lazy_delay_batches_pushed_messages_into_one_frame() {
+    let mut config = test_config();
+    config.timeouts.lazy_delay_ms = 300;
+    let server = TestServer::start(config).await;
+    let mut c = ws_subscribed(&server, json!("/lazy")).await;
+    c.send(json!([{"channel":"/meta/connect","clientId":c.id(),"connectionType":"websocket","id":"c1"}]))
+        .await;
+    let p = server.client();
+    for i in 0..3 {
+        p.publish("/lazy", json!(i)).await;
+    }
+    let frame = c.recv(WAIT).await.expect("pushed frame");
+    let data: Vec<Value> = frame.iter().map(|m| m["data"].clone()).collect();
+    assert_eq!(data, [json!(0), json!(1), json!(2)], "{frame:?}");
+}

@@ -953,6 +953,15 @@ impl Broker {
     /// channel of a replaying pattern has been read to its end (and no live message for it was
     /// dropped meanwhile), the pattern's gate opens and its deferred live messages follow.
     pub async fn refill(&self, session: &Arc<Session>) -> Result<(), ErrorKind> {
+        if !session.has_backlog() {
+            return Ok(());
+        }
+        // Boxed: callers await this in futures that live as long as a connection (a held
+        // long-poll, an open WebSocket), and most calls find no backlog.
+        Box::pin(self.refill_backlog(session)).await
+    }
+
+    async fn refill_backlog(&self, session: &Arc<Session>) -> Result<(), ErrorKind> {
         const PAGE: usize = 1024;
         let max = self.config.limits.max_queue;
         loop {
@@ -1578,6 +1587,17 @@ pub fn delivery_bytes(stored: &Stored) -> Bytes {
         }
         Err(_) => p.clone(),
     }
+}
+
+/// A broker with the default configuration, the memory engine and no policy, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_broker() -> Arc<Broker> {
+    Broker::new(
+        ServerConfig::default(),
+        Arc::new(bayeux_engine::memory::MemoryEngine::new(Default::default())),
+        Arc::new(crate::policy::AllowAll),
+        Dialect::Cometd,
+    )
 }
 
 #[cfg(test)]

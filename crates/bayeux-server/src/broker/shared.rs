@@ -284,7 +284,9 @@ impl Broker {
             // no keeping alive: it has no TTL while this node owns it and commits.
             return Committed::Done;
         }
-        let outcome = self.commit(session).await;
+        // Boxed: callers await this in futures that live as long as a connection (a held
+        // long-poll, an open WebSocket), and the checks above end most calls without it.
+        let outcome = Box::pin(self.commit(session)).await;
         if outcome == Committed::Done {
             session.state.lock().record_generation = generation;
         }

@@ -139,11 +139,7 @@ pub(crate) async fn answer_http(
     };
     let arrived = tokio::time::Instant::now();
     // Replayed history waiting for room in the queue comes in now, ahead of any hold.
-    // (Boxed, as everything that is not alive during the hold: the future that waits for
-    // messages stays small, and there is one per idle long-poll client.)
-    if plan.session.has_backlog()
-        && let Err(e) = Box::pin(broker.refill(&plan.session)).await
-    {
+    if let Err(e) = broker.refill(&plan.session).await {
         tracing::warn!(client_id = plan.session.id(), error = %e, "replay refill failed");
     }
     let end = match plan.hold {
@@ -158,9 +154,9 @@ pub(crate) async fn answer_http(
 const MAX_RESYNCS: u32 = 3;
 
 /// The end of [`answer_http`], once the hold is over. It works on the processed request in its
-/// box (the reply is answered in place), and boxes what only shared engines wait for, so that
-/// its future stays a small part of [`answer_http`]'s and is made without a copy or an
-/// allocation per request (CPU per delivery).
+/// box (the reply is answered in place), so that its future stays a small part of
+/// [`answer_http`]'s and is made without a copy or an allocation per request (CPU per
+/// delivery).
 async fn finish_http(
     broker: &Arc<Broker>,
     mut processed: Box<Processed>,
@@ -210,11 +206,8 @@ async fn finish_http(
             let mut attempts = 1;
             loop {
                 let deliveries = broker.take_for_connect(&plan.session, &mut plan.reply);
-                if !broker.engine().shared() {
-                    break deliveries;
-                }
                 // Shared engines: the response leaves only once what it carries is committed.
-                let outcome = Box::pin(broker.commit_delivery(&plan.session)).await;
+                let outcome = broker.commit_delivery(&plan.session).await;
                 if outcome != Committed::Taken || attempts == MAX_RESYNCS {
                     break deliveries;
                 }
@@ -240,12 +233,7 @@ mod tests {
     /// when it took the processed request by value).
     #[tokio::test]
     async fn an_answer_future_stays_small() {
-        let broker = Broker::new(
-            crate::config::ServerConfig::default(),
-            Arc::new(bayeux_engine::memory::MemoryEngine::new(Default::default())),
-            Arc::new(crate::policy::AllowAll),
-            bayeux_protocol::Dialect::Cometd,
-        );
+        let broker = crate::broker::test_broker();
         let processed = Box::new(Processed {
             replies: Vec::new(),
             connect: None,

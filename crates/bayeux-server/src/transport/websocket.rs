@@ -85,17 +85,9 @@ impl Conn {
     /// history waiting for room into the queue.
     async fn commit(&self) {
         if let Some(session) = &self.bound {
-            // Boxed: these run briefly, but inline they would grow the future of every idle
-            // connection. Checked first, so that the common case (an engine of this node's own,
-            // no replayed history waiting) allocates nothing per frame.
-            if self.broker.engine().shared() {
-                // Taken by another node: the copy is stale now and the next frame claims it
-                // back.
-                let _ = Box::pin(self.broker.commit_delivery(session)).await;
-            }
-            if session.has_backlog()
-                && let Err(e) = Box::pin(self.broker.refill(session)).await
-            {
+            // Taken by another node: the copy is stale now and the next frame claims it back.
+            let _ = self.broker.commit_delivery(session).await;
+            if let Err(e) = self.broker.refill(session).await {
                 tracing::warn!(client_id = session.id(), error = %e, "replay refill failed");
             }
         }
@@ -252,8 +244,13 @@ pub(crate) fn run(
                 } => Event::Deadline,
                 _ = broker.stopped() => Event::Stopped,
             };
-            if matches!(event, Event::Notified) && broker.config().timeouts.lazy_delay().is_zero() {
-                // The common delivery: sent at the top of the loop, no box needed.
+            if let Event::Notified = event {
+                // Messages (or a close) for the bound session: sent at the top of the loop,
+                // after the lazy delay has let more of them gather.
+                let lazy = broker.config().timeouts.lazy_delay();
+                if !lazy.is_zero() {
+                    tokio::time::sleep(lazy).await;
+                }
                 continue;
             }
             if let Some(end) =
@@ -377,18 +374,8 @@ async fn on_event<'a>(
                 return Some(End::Close(Some(failure.close_code()), reason));
             }
         },
-        Event::Notified => {
-            let lazy = broker.config().timeouts.lazy_delay();
-            if !lazy.is_zero() {
-                tokio::time::sleep(lazy).await;
-            }
-            if let Some(out) = conn.flush()
-                && ws.send_text(&out).await.is_err()
-            {
-                return Some(End::Gone);
-            }
-            conn.commit().await;
-        }
+        // Handled by the loop, which sends what the session has.
+        Event::Notified => {}
         Event::Deadline => {
             if let Some(pending) = conn.pending.take() {
                 let out = {
@@ -461,12 +448,7 @@ mod tests {
     /// This catches a change that makes it grow again.
     #[tokio::test]
     async fn a_websocket_future_stays_small() {
-        let broker = Broker::new(
-            crate::config::ServerConfig::default(),
-            Arc::new(bayeux_engine::memory::MemoryEngine::new(Default::default())),
-            Arc::new(crate::policy::AllowAll),
-            bayeux_protocol::Dialect::Cometd,
-        );
+        let broker = crate::broker::test_broker();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let _client = tokio::net::TcpStream::connect(addr).await.unwrap();

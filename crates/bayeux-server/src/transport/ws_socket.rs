@@ -4,18 +4,17 @@
 //! state of its `Sink` and `Stream` halves for the whole life of a socket: most of what an idle
 //! WebSocket cost. Here bytes are read only once the socket is readable, into a buffer that is
 //! released as soon as the frames in it are parsed, and a frame is written straight from its
-//! body, header and payload in one vectored write. Frame headers are parsed and formatted by
-//! tungstenite; what RFC 6455 asks of a server (masked client frames, no reserved bits or
-//! opcodes, small final control frames, fragments in order, UTF-8 text, valid close codes) is
-//! checked here.
+//! body, header and payload in one `sendmsg` (not `writev`, whose way through the file layer
+//! costs the kernel more per frame: about 6 % of the server's CPU in a WebSocket fan-out to
+//! many clients). Frame headers are parsed and formatted by tungstenite; what RFC 6455 asks of
+//! a server (masked client frames, no reserved bits or opcodes, small final control frames,
+//! fragments in order, UTF-8 text, valid close codes) is checked here.
 
 use std::future::Future;
 use std::io::{Cursor, ErrorKind, IoSlice};
-use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
@@ -260,7 +259,7 @@ impl WsSocket {
         self.send(OpCode::Control(Control::Pong), payload)
     }
 
-    /// Writes one frame, header and payload together (one system call, usually).
+    /// Writes one frame, header and payload together (one `sendmsg`, usually).
     async fn send(&mut self, opcode: OpCode, payload: &[u8]) -> std::io::Result<()> {
         let header = FrameHeader {
             opcode,
@@ -286,11 +285,16 @@ impl WsSocket {
                         IoSlice::new(&[]),
                     ]
                 };
-                let n = ready!(Pin::new(&mut *stream).poll_write_vectored(cx, &slices))?;
-                if n == 0 {
-                    return Poll::Ready(Err(ErrorKind::WriteZero.into()));
+                ready!(stream.poll_write_ready(cx))?;
+                let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
+                    socket2::SockRef::from(&*stream).send_vectored(&slices)
+                });
+                match sent {
+                    Ok(0) => return Poll::Ready(Err(ErrorKind::WriteZero.into())),
+                    Ok(n) => written += n,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+                    Err(e) => return Poll::Ready(Err(e)),
                 }
-                written += n;
             }
             Poll::Ready(Ok(()))
         })

@@ -10,7 +10,8 @@
 # Environment: QUICK=1 (short runs), RUNS (default 3), OUT (default docs/benchmarks.md),
 # RESULTS (where the raw JSON goes, default target/bench-compare/<time>), IDLE_CLIENTS (default:
 # as many as the open-file limit allows, at most 50000), SERVERS (default "faye memory disk"),
-# NO_BUILD=1 (use the binaries as they are), CARGO_TARGET_DIR (as cargo).
+# NO_BUILD=1 (use the binaries as they are), WITH_FLOOR=0 (skip the floor runs of the CPU cases:
+# examples/send-floor.rs, the system calls alone), CARGO_TARGET_DIR (as cargo).
 #
 # Every server is started fresh for every run, pinned to CPU 0 (`taskset -c 0`); the bench runs
 # on CPU 1 (`taskset -c 1`). Runs are interleaved: run 1 of every server, then run 2, ... Only
@@ -29,6 +30,7 @@ SERVERS=${SERVERS:-faye memory disk}
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 BAYEUX=$TARGET_DIR/release/bayeux
 HYPER=$TARGET_DIR/release/examples/hyper-fixed
+FLOOR=$TARGET_DIR/release/examples/send-floor
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 RESULTS=${RESULTS:-$ROOT/target/bench-compare/$STAMP}
 mkdir -p "$RESULTS"
@@ -64,11 +66,11 @@ log "open-file limit $HARD_NOFILE per process: idle cases hold $IDLE_CLIENTS cli
 if [ "${NO_BUILD:-0}" != 1 ]; then
   log "cargo build --release"
   cargo build --release -p bayeux-cli >&2
-  cargo build --release -p bayeux-bench --example hyper-fixed >&2
+  cargo build --release -p bayeux-bench --example hyper-fixed --example send-floor >&2
   log "npm ci (faye 1.4.3) in bench/"
   (cd bench && if [ -d node_modules/faye ]; then :; else npm ci --no-audit --no-fund >&2; fi)
 fi
-for f in "$BAYEUX" "$HYPER" bench/node_modules/faye/package.json; do
+for f in "$BAYEUX" "$HYPER" "$FLOOR" bench/node_modules/faye/package.json; do
   [ -e "$f" ] || { echo "missing $f (run without NO_BUILD=1)" >&2; exit 2; }
 done
 
@@ -107,6 +109,11 @@ start_server() {
     hyper)
       URL=http://127.0.0.1:$PORT/cometd
       $PIN0 "$HYPER" "127.0.0.1:$PORT" >"$log" 2>&1 &
+      ;;
+    floor)
+      URL=127.0.0.1:$PORT
+      # shellcheck disable=SC2046 # word splitting of the flags is wanted
+      $PIN0 "$FLOOR" serve --bind "127.0.0.1:$PORT" $(floor_flags "$FLOOR_CASE" serve) >"$log" 2>&1 &
       ;;
     *) echo "unknown server $kind" >&2; exit 2 ;;
   esac
@@ -165,9 +172,31 @@ case_flags() {
   esac
 }
 
+# The floor of the CPU cases (crates/bayeux-bench/examples/send-floor.rs): the same deliveries
+# per second on the same number of connections, with nothing but the system calls. Frame sizes
+# are those our server writes in each case (a long-polling answer of 414 bytes to a connect of
+# 225, a WebSocket frame of 166 bytes, as strace shows them). Prints the flags of role $2.
+floor_flags() {
+  local pattern sockets rate frame
+  case $1 in
+    fanout) pattern=lp sockets=1000 rate=200 frame=414 ;;
+    many) pattern=lp sockets=10000 rate=100 frame=414 ;;
+    ws-fanout) pattern=ws sockets=1000 rate=200 frame=166 ;;
+    ws-many) pattern=ws sockets=10000 rate=100 frame=166 ;;
+    *) echo "no floor for case $1" >&2; exit 2 ;;
+  esac
+  if [ "$2" = serve ]; then
+    echo "--pattern $pattern --burst 100 --rate $rate --frame $frame"
+  else
+    echo "--pattern $pattern --sockets $sockets --frame $frame --request 225"
+  fi
+}
+
 case_servers() {
   case $1 in
     roundtrips) echo "$SERVERS hyper" ;;
+    fanout|many|ws-fanout|ws-many)
+      if [ "${WITH_FLOOR:-1}" = 1 ]; then echo "$SERVERS floor"; else echo "$SERVERS"; fi ;;
     sweep-*) echo "${SWEEP_SERVERS:-memory}" ;;
     *) echo "$SERVERS" ;;
   esac
@@ -217,6 +246,7 @@ stop_holder() {
 run_one() {
   local c=$1 kind=$2 run=$3
   local name=$c.$kind.$run
+  FLOOR_CASE=$c
   start_server "$kind" "$RESULTS/$name.server.log"
   local base_kb
   sleep 0.5
@@ -225,6 +255,9 @@ run_one() {
   local flags
   flags=$(case_flags "$c")
   local cmd="$PIN1 $BAYEUX bench --url $URL $flags --warmup $WARMUP --duration $DURATION --grace $GRACE --server-pid $SERVER_PID --no-progress"
+  if [ "$kind" = floor ]; then
+    cmd="$PIN1 $FLOOR load --addr $URL $(floor_flags "$c" load) --warmup $WARMUP --duration $DURATION --server-pid $SERVER_PID"
+  fi
   echo "$cmd" >"$RESULTS/$name.cmd"
   log "$name: $flags"
   local status=0

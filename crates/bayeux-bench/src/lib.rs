@@ -21,7 +21,7 @@ mod args;
 mod client;
 mod link;
 mod net;
-mod procfs;
+pub mod procfs;
 mod progress;
 mod stats;
 

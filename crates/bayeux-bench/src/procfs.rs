@@ -8,18 +8,19 @@ const TICKS_PER_SEC: f64 = 100.0;
 
 /// One reading of a process.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Sample {
-    pub(crate) at: Instant,
+pub struct Sample {
+    /// When the sample was taken.
+    pub at: Instant,
     /// utime + stime, in ticks.
-    pub(crate) cpu_ticks: u64,
+    pub cpu_ticks: u64,
     /// VmRSS, kB.
-    pub(crate) rss_kb: u64,
+    pub rss_kb: u64,
     /// VmHWM (peak RSS), kB.
-    pub(crate) peak_kb: u64,
+    pub peak_kb: u64,
 }
 
 /// Reads `/proc/PID/stat` and `/proc/PID/status`.
-pub(crate) fn sample(pid: u32) -> std::io::Result<Sample> {
+pub fn sample(pid: u32) -> std::io::Result<Sample> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "unexpected /proc format");
@@ -54,7 +55,7 @@ fn parse_status_kb(status: &str, key: &str) -> Option<u64> {
 }
 
 /// CPU use between two samples, in percent of one core (200 = two cores busy).
-pub(crate) fn cpu_percent(a: &Sample, b: &Sample) -> f64 {
+pub fn cpu_percent(a: &Sample, b: &Sample) -> f64 {
     let secs = b.at.duration_since(a.at).as_secs_f64();
     if secs <= 0.0 {
         return 0.0;

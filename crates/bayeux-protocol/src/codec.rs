@@ -74,24 +74,53 @@ pub fn encode_message(message: &Message) -> Vec<u8> {
     serde_json::to_vec(message).expect("messages always serialize")
 }
 
-/// Joins pre-serialized JSON objects into one JSON array without re-encoding them.
+/// Builds one JSON array in one buffer, out of messages (encoded in place) and pre-serialized
+/// JSON objects (copied as they are): a response body without a buffer per element.
 ///
 /// ```
-/// use bayeux_protocol::codec::join_array;
-/// let out = join_array([&br#"{"a":1}"#[..], &br#"{"b":2}"#[..]]);
-/// assert_eq!(out, br#"[{"a":1},{"b":2}]"#);
+/// use bayeux_protocol::{Message, codec::ArrayBuilder};
+/// let mut array = ArrayBuilder::with_capacity(64);
+/// array.raw(br#"{"a":1}"#);
+/// array.message(&Message { channel: "/b".into(), ..Message::default() });
+/// assert_eq!(array.finish(), br#"[{"a":1},{"channel":"/b"}]"#);
 /// ```
-pub fn join_array<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256);
-    out.push(b'[');
-    for (i, part) in parts.into_iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        out.extend_from_slice(part);
+#[derive(Debug)]
+pub struct ArrayBuilder {
+    out: Vec<u8>,
+}
+
+impl ArrayBuilder {
+    /// An empty array in a buffer of `capacity` bytes (it grows if that was too little).
+    pub fn with_capacity(capacity: usize) -> Self {
+        let mut out = Vec::with_capacity(capacity.max(2));
+        out.push(b'[');
+        ArrayBuilder { out }
     }
-    out.push(b']');
-    out
+
+    /// Appends a message, encoded.
+    pub fn message(&mut self, message: &Message) {
+        self.separate();
+        // Serializing a message cannot fail: every key is a string and every value is JSON.
+        serde_json::to_writer(&mut self.out, message).expect("messages always serialize");
+    }
+
+    /// Appends a JSON value that is already encoded.
+    pub fn raw(&mut self, json: &[u8]) {
+        self.separate();
+        self.out.extend_from_slice(json);
+    }
+
+    fn separate(&mut self) {
+        if self.out.len() > 1 {
+            self.out.push(b',');
+        }
+    }
+
+    /// The array's bytes.
+    pub fn finish(mut self) -> Vec<u8> {
+        self.out.push(b']');
+        self.out
+    }
 }
 
 #[cfg(test)]

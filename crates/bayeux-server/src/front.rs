@@ -34,7 +34,6 @@ use axum::http::{
 use bayeux_protocol::ErrorKind;
 use bytes::{Buf, Bytes, BytesMut};
 use futures::future::BoxFuture;
-use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -824,6 +823,10 @@ fn date(out: &mut Vec<u8>) {
     });
 }
 
+/// A body up to this size is copied after the head and sent with it in one write; a larger
+/// one is written from its own buffer.
+const INLINE_BODY: usize = 16 * 1024;
+
 /// Writes `response` (its body collected first) in one write.
 async fn write_response(
     stream: &mut TcpStream,
@@ -833,12 +836,20 @@ async fn write_response(
     keep_alive: bool,
 ) -> std::io::Result<()> {
     let (parts, body) = response.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map_err(std::io::Error::other)?
-        .to_bytes();
-    let mut head = Vec::with_capacity(160 + 40 * parts.headers.len());
+    let body = match crate::transport::body_bytes(body, usize::MAX).await {
+        Ok(body) => body,
+        Err(crate::transport::BodyRead::Failed(e)) => return Err(std::io::Error::other(e)),
+        Err(crate::transport::BodyRead::TooLarge) => {
+            return Err(std::io::Error::other("response body too large"));
+        }
+    };
+    // Room for the body too: a small one is sent in the same buffer as the head.
+    let inline = if body.len() <= INLINE_BODY {
+        body.len()
+    } else {
+        0
+    };
+    let mut head = Vec::with_capacity(160 + 40 * parts.headers.len() + inline);
     status_line(&mut head, version, parts.status);
     for (name, value) in &parts.headers {
         if name == header::CONTENT_LENGTH
@@ -871,7 +882,7 @@ async fn write_response(
     if head_only || bodiless || body.is_empty() {
         return stream.write_all(&head).await;
     }
-    if body.len() <= 16 * 1024 {
+    if body.len() <= INLINE_BODY {
         head.extend_from_slice(&body);
         return stream.write_all(&head).await;
     }

@@ -11,7 +11,9 @@ use axum::response::Response;
 use bayeux_protocol::{ErrorKind, Message, connection_type};
 use futures::future::BoxFuture;
 
-use super::{BodyError, answer_http, check_count, decode, json_response};
+use bytes::Bytes;
+
+use super::{BodyError, BodyRead, answer_http, body_bytes, check_count, decode, json_response};
 use crate::broker::{Broker, Processed};
 use crate::policy::RequestInfo;
 
@@ -20,7 +22,7 @@ pub(crate) async fn read_body(
     broker: &Broker,
     parts: &Parts,
     body: Body,
-) -> Result<Vec<u8>, BodyError> {
+) -> Result<Bytes, BodyError> {
     let max = broker.config().limits.max_body_bytes;
     let too_large = || {
         BodyError::new(
@@ -38,21 +40,14 @@ pub(crate) async fn read_body(
     {
         return Err(too_large());
     }
-    match axum::body::to_bytes(body, max).await {
-        Ok(bytes) => Ok(bytes.to_vec()),
-        Err(e) => {
-            let length_limit = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if length_limit {
-                Err(too_large())
-            } else {
-                Err(BodyError::new(
-                    StatusCode::BAD_REQUEST,
-                    ErrorKind::MessageInvalid,
-                    format!("cannot read body: {e}"),
-                ))
-            }
-        }
+    match body_bytes(body, max).await {
+        Ok(bytes) => Ok(bytes),
+        Err(BodyRead::TooLarge) => Err(too_large()),
+        Err(BodyRead::Failed(e)) => Err(BodyError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorKind::MessageInvalid,
+            format!("cannot read body: {e}"),
+        )),
     }
 }
 

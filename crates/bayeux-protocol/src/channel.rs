@@ -201,19 +201,35 @@ pub fn matches(pattern: &str, channel: &str) -> bool {
 /// assert_eq!(all, ["/a/b", "/a/*", "/a/**", "/**"]);
 /// ```
 pub fn candidate_patterns(channel: &str) -> impl Iterator<Item = String> + '_ {
+    let mut all = Vec::new();
+    for_each_candidate_pattern(channel, |p| all.push(p.to_owned()));
+    all.into_iter()
+}
+
+/// [`candidate_patterns`] without a string per pattern: `f` gets each one in turn, written
+/// into one buffer (the channel itself is passed as it is). The way to look them up on every
+/// publish.
+///
+/// ```
+/// use bayeux_protocol::channel::for_each_candidate_pattern;
+/// let mut all = Vec::new();
+/// for_each_candidate_pattern("/a/b", |p| all.push(p.to_owned()));
+/// assert_eq!(all, ["/a/b", "/a/*", "/a/**", "/**"]);
+/// ```
+pub fn for_each_candidate_pattern(channel: &str, mut f: impl FnMut(&str)) {
+    f(channel);
+    let mut pattern = String::with_capacity(channel.len() + 3);
     let last_slash = channel.rfind('/').unwrap_or(0);
-    let exact = std::iter::once(channel.to_owned());
-    let one = std::iter::once(format!("{}/*", &channel[..last_slash]));
+    pattern.push_str(&channel[..last_slash]);
+    pattern.push_str("/*");
+    f(&pattern);
     // Every prefix that ends just before a '/', longest first.
-    let deep = channel
-        .char_indices()
-        .filter(|&(_, c)| c == '/')
-        .map(|(i, _)| i)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .map(move |i| format!("{}/**", &channel[..i]));
-    exact.chain(one).chain(deep)
+    for (i, _) in channel.rmatch_indices('/') {
+        pattern.clear();
+        pattern.push_str(&channel[..i]);
+        pattern.push_str("/**");
+        f(&pattern);
+    }
 }
 
 impl fmt::Display for ChannelName {

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use bayeux_protocol::channel::candidate_patterns;
+use bayeux_protocol::channel::for_each_candidate_pattern;
 
 use super::Session;
 
@@ -38,7 +38,13 @@ impl SubscriptionIndex {
 
     /// Every session subscribed to a pattern matching `channel`, each once.
     pub(crate) fn matching(&self, channel: &str) -> Vec<Arc<Session>> {
-        let mut sets = candidate_patterns(channel).filter_map(|p| self.by_pattern.get(p.as_str()));
+        let mut sets = Vec::new();
+        for_each_candidate_pattern(channel, |p| {
+            if let Some(set) = self.by_pattern.get(p) {
+                sets.push(set);
+            }
+        });
+        let mut sets = sets.into_iter();
         let Some(first) = sets.next() else {
             return Vec::new();
         };

@@ -1158,17 +1158,7 @@ impl Broker {
         message: &Message,
         audience: Option<Value>,
     ) -> Result<u64, ErrorKind> {
-        let mut delivered = Message {
-            channel: channel.as_str().to_owned(),
-            id: message.id.clone(),
-            data: message.data.clone(),
-            ext: message.ext.clone(),
-            ..Message::default()
-        };
-        if let Some(audience) = audience {
-            delivered.other.insert(AUDIENCE.into(), audience);
-        }
-        let payload = Bytes::from(bayeux_protocol::encode_message(&delivered));
+        let payload = Bytes::from(stored_bytes(channel.as_str(), message, audience.as_ref()));
         match self.engine.append(channel.as_str(), payload).await {
             Ok(stored) => {
                 self.metrics.published.inc();
@@ -1511,6 +1501,46 @@ fn java_map(map: &Value) -> String {
 /// ([`Broker::publish_from_server_to`]); it is never delivered.
 const AUDIENCE: &str = "__audience";
 
+/// What a publish stores: the message's channel, id, data and ext, and the audience if any,
+/// encoded as a [`Message`] holding only those would be, straight from the published message
+/// (no copy of its values into a second message, and no drop of that copy, per publish).
+fn stored_bytes(channel: &str, message: &Message, audience: Option<&Value>) -> Vec<u8> {
+    struct View<'a> {
+        channel: &'a str,
+        message: &'a Message,
+        audience: Option<&'a Value>,
+    }
+    impl serde::Serialize for View<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeMap;
+            // The fields in the order of `Message`'s own serialization.
+            let m = self.message;
+            let mut map = s.serialize_map(None)?;
+            map.serialize_entry("channel", self.channel)?;
+            if let Some(id) = &m.id {
+                map.serialize_entry("id", id)?;
+            }
+            if let Some(data) = &m.data {
+                map.serialize_entry("data", data)?;
+            }
+            if let Some(ext) = &m.ext {
+                map.serialize_entry("ext", ext)?;
+            }
+            if let Some(audience) = self.audience {
+                map.serialize_entry(AUDIENCE, audience)?;
+            }
+            map.end()
+        }
+    }
+    let view = View {
+        channel,
+        message,
+        audience,
+    };
+    // Serializing JSON values into a Vec cannot fail.
+    serde_json::to_vec(&view).expect("messages always serialize")
+}
+
 /// Who may receive a stored message: `None` for everyone.
 fn audience(stored: &Stored) -> Option<(String, Vec<String>)> {
     let p = &stored.payload;
@@ -1633,6 +1663,45 @@ mod tests {
             v(r#"{"channel":"/a","ext":5,"data":1}"#),
             json!({"channel":"/a","data":1,"ext":{"replay":42}})
         );
+    }
+
+    /// What a publish stores is the `Message` of its channel, id, data and ext (and audience),
+    /// byte for byte, without building that message.
+    #[test]
+    fn stored_bytes_are_the_message_of_its_fields() {
+        let published: Message = serde_json::from_value(json!({
+            "channel": "/a/b", "clientId": "c1", "id": "7",
+            "data": {"z": 1, "a": [true, null], "s": "\"quoted\" \u{e9}"},
+            "ext": {"x": {"y": 2}}, "advice": {"timeout": 0}, "other": 3
+        }))
+        .unwrap();
+        let audience = json!({"attribute": "role", "values": ["admin"]});
+        for (message, audience) in [
+            (published.clone(), None),
+            (published.clone(), Some(&audience)),
+            (
+                Message {
+                    channel: "/a/b".into(),
+                    ..Message::default()
+                },
+                None,
+            ),
+        ] {
+            let mut expected = Message {
+                channel: "/a/b".into(),
+                id: message.id.clone(),
+                data: message.data.clone(),
+                ext: message.ext.clone(),
+                ..Message::default()
+            };
+            if let Some(a) = audience {
+                expected.other.insert(AUDIENCE.into(), a.clone());
+            }
+            assert_eq!(
+                stored_bytes("/a/b", &message, audience),
+                bayeux_protocol::encode_message(&expected)
+            );
+        }
     }
 
     #[test]

@@ -8,8 +8,8 @@ pub(crate) mod ws_socket;
 
 use std::sync::Arc;
 
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::Response;
 use bayeux_protocol::codec::ArrayBuilder;
 use bayeux_protocol::{DecodeError, ErrorKind, Message, decode_batch};
 use bytes::Bytes;
@@ -129,13 +129,17 @@ pub(crate) async fn body_bytes(
 
 /// A response with the JSON content type and no caching.
 pub fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
-    let mut response = (status, body).into_response();
-    let headers = response.headers_mut();
+    // Built directly: `(status, body).into_response()` would first set an octet-stream content
+    // type (a header table of the default size) for this to overwrite, on every response.
+    let mut headers = HeaderMap::with_capacity(2);
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(JSON));
     headers.insert(
         header::CACHE_CONTROL,
         HeaderValue::from_static("no-cache, no-store"),
     );
+    let mut response = Response::new(axum::body::Body::from(body));
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
     response
 }
 

@@ -11,9 +11,9 @@ use serde_json::json;
 use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::args::BenchArgs;
-use crate::link::{CookieJar, Link, LinkError, Sink};
+use crate::link::{CookieJar, Delivery, Link, LinkError, Sink};
 use crate::net::Target;
-use crate::stats::{Errors, Latencies, MAX_INDEX, PubShared, SubShared, Timeline, seq_and_time};
+use crate::stats::{Errors, Latencies, MAX_INDEX, PubShared, SubShared, Timeline};
 
 /// Longest advised interval the bench honours, ms.
 const MAX_INTERVAL_MS: i64 = 60_000;
@@ -104,7 +104,7 @@ struct SubSink {
 }
 
 impl Sink for SubSink {
-    fn deliver(&self, messages: &[Message]) {
+    fn deliver(&self, messages: &[Delivery]) {
         let ctx = &self.ctx;
         let now = ctx.timeline.now_ns();
         let (start, end) = ctx.timeline.window();
@@ -124,7 +124,7 @@ impl Sink for SubSink {
         {
             let mut st = self.sub.state.lock();
             for m in messages {
-                let Some((seq, t)) = seq_and_time(m) else {
+                let Some((seq, t)) = m.seq_and_time else {
                     foreign += 1;
                     continue;
                 };
@@ -161,7 +161,7 @@ struct PubSink {
 }
 
 impl Sink for PubSink {
-    fn deliver(&self, messages: &[Message]) {
+    fn deliver(&self, messages: &[Delivery]) {
         self.ctx
             .errors
             .add("publisher_delivery", messages.len() as u64);

@@ -66,14 +66,70 @@ impl LinkError {
 /// Where a link hands the deliveries it receives, and the errors it cannot return.
 pub(crate) trait Sink: Send + Sync {
     /// Deliveries received in one HTTP response or one WebSocket frame.
-    fn deliver(&self, messages: &[Message]);
+    fn deliver(&self, deliveries: &[Delivery]);
     /// An error no caller sees (a bad frame, a reply nobody waits for).
     fn error(&self, kind: &str);
 }
 
-/// A message the server pushes to a subscriber (not a reply).
-pub(crate) fn is_delivery(m: &Message) -> bool {
-    m.successful.is_none() && m.data.is_some() && !m.channel.starts_with("/meta/")
+/// A message the server pushes to a subscriber (not a reply): what the bench needs of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Delivery {
+    /// `data.seq` and `data.t` when `data` is an object holding both as unsigned integers
+    /// (messages of this bench); `None` for any other message.
+    pub(crate) seq_and_time: Option<(u64, u64)>,
+}
+
+/// The fields that tell a delivery from a reply (and a delivery's `seq` and `t`), read without
+/// decoding the rest: a delivery is never decoded into a [`Message`], whose `data` would be a
+/// tree of maps and strings to build and free for each of the hundreds of thousands the bench
+/// receives per second.
+#[derive(serde::Deserialize)]
+struct Probe<'a> {
+    #[serde(default, borrow)]
+    channel: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    successful: Option<serde::de::IgnoredAny>,
+    #[serde(default, borrow)]
+    data: Option<&'a serde_json::value::RawValue>,
+}
+
+/// `data` of a bench message: `{"seq": N, "t": N, ...}`.
+#[derive(serde::Deserialize)]
+struct SeqTime {
+    seq: u64,
+    t: u64,
+}
+
+/// Decodes a batch (an array of messages or one message): deliveries apart, as
+/// [`Delivery`]s, everything else (replies, errors) as [`Message`]s. A delivery is a message
+/// with `data`, without `successful`, on a channel outside `/meta/`.
+pub(crate) fn decode_incoming(body: &[u8]) -> Result<(Vec<Message>, Vec<Delivery>), String> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    let raws: Vec<&serde_json::value::RawValue> = match first {
+        Some(b'[') => serde_json::from_slice(body).map_err(|e| e.to_string())?,
+        _ => vec![serde_json::from_slice(body).map_err(|e| e.to_string())?],
+    };
+    if raws.is_empty() {
+        return Err("empty batch".into());
+    }
+    let mut others = Vec::new();
+    let mut deliveries = Vec::new();
+    for raw in raws {
+        let probe: Probe<'_> = serde_json::from_str(raw.get()).map_err(|e| e.to_string())?;
+        let is_delivery = probe.successful.is_none()
+            && probe.data.is_some()
+            && !probe.channel.as_deref().unwrap_or("").starts_with("/meta/");
+        if is_delivery {
+            let seq_and_time = probe
+                .data
+                .and_then(|d| serde_json::from_str::<SeqTime>(d.get()).ok())
+                .map(|d| (d.seq, d.t));
+            deliveries.push(Delivery { seq_and_time });
+        } else {
+            others.extend(decode_batch(raw.get().as_bytes()).map_err(|e| e.to_string())?);
+        }
+    }
+    Ok((others, deliveries))
 }
 
 fn id_key(v: &Value) -> String {
@@ -234,7 +290,7 @@ impl HttpLink {
         Ok(HttpConn { sender, task })
     }
 
-    async fn post(&mut self, body: Vec<u8>) -> Result<Vec<Message>, LinkError> {
+    async fn post(&mut self, body: Vec<u8>) -> Result<(Vec<Message>, Vec<Delivery>), LinkError> {
         // Taken out while in use: if this future is dropped mid-request, the connection goes
         // with it and the next request opens a fresh one.
         let mut conn = match self.conn.take() {
@@ -274,7 +330,7 @@ impl HttpLink {
         if status != 200 {
             return Err(LinkError::Status(status));
         }
-        decode_batch(&body).map_err(|e| LinkError::BadReply(e.to_string()))
+        decode_incoming(&body).map_err(LinkError::BadReply)
     }
 
     async fn call(&mut self, mut msg: Message, timeout: Duration) -> Result<Message, LinkError> {
@@ -283,21 +339,13 @@ impl HttpLink {
         msg.id = Some(id.clone());
         let channel = msg.channel.clone();
         let body = encode_batch(std::slice::from_ref(&msg));
-        let replies = match tokio::time::timeout(timeout, self.post(body)).await {
+        let (replies, deliveries) = match tokio::time::timeout(timeout, self.post(body)).await {
             Ok(r) => r?,
             Err(_) => return Err(LinkError::Timeout),
         };
-        let mut found = None;
-        let mut deliveries = Vec::new();
-        for m in replies {
-            if is_delivery(&m) {
-                deliveries.push(m);
-            } else if found.is_none()
-                && (m.id.as_ref() == Some(&id) || (m.id.is_none() && m.channel == channel))
-            {
-                found = Some(m);
-            }
-        }
+        let found = replies
+            .into_iter()
+            .find(|m| m.id.as_ref() == Some(&id) || (m.id.is_none() && m.channel == channel));
         if !deliveries.is_empty() {
             self.sink.deliver(&deliveries);
         }
@@ -415,15 +463,10 @@ impl WsLink {
                     Ok(WsMessage::Close(_)) | Err(_) => break,
                     Ok(_) => continue,
                 };
-                match decode_batch(bytes) {
-                    Ok(messages) => {
-                        let mut deliveries = Vec::new();
-                        for m in messages {
-                            if is_delivery(&m) {
-                                deliveries.push(m);
-                            } else {
-                                shared.resolve(m, sink.as_ref());
-                            }
+                match decode_incoming(bytes) {
+                    Ok((others, deliveries)) => {
+                        for m in others {
+                            shared.resolve(m, sink.as_ref());
                         }
                         if !deliveries.is_empty() {
                             sink.deliver(&deliveries);
@@ -486,5 +529,58 @@ impl WsLink {
             }
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deliveries_are_told_from_replies() {
+        let body = br#"[
+            {"channel":"/meta/connect","successful":true,"clientId":"c"},
+            {"channel":"/bench/1","data":{"pad":"x","seq":7,"t":99},"ext":{"replay":3}},
+            {"channel":"/chat","data":"not a bench message"},
+            {"channel":"/bench/1","id":"5","successful":true},
+            {"channel":"/meta/subscribe","data":{"seq":1,"t":2},"successful":false,"error":"403::x"},
+            {"channel":"/x","data":{"seq":-1,"t":2}},
+            {"channel":"/x","data":null}
+        ]"#;
+        let (others, deliveries) = decode_incoming(body).unwrap();
+        assert_eq!(
+            deliveries,
+            [
+                Delivery {
+                    seq_and_time: Some((7, 99))
+                },
+                Delivery { seq_and_time: None },
+                Delivery { seq_and_time: None },
+            ]
+        );
+        let channels: Vec<&str> = others.iter().map(|m| m.channel.as_str()).collect();
+        assert_eq!(
+            channels,
+            ["/meta/connect", "/bench/1", "/meta/subscribe", "/x"]
+        );
+        assert_eq!(others[2].error.as_deref(), Some("403::x"));
+    }
+
+    #[test]
+    fn one_message_or_a_bad_batch() {
+        let (others, deliveries) =
+            decode_incoming(br#" {"channel":"/a","data":{"seq":1,"t":2}}"#).unwrap();
+        assert!(others.is_empty());
+        assert_eq!(
+            deliveries,
+            [Delivery {
+                seq_and_time: Some((1, 2))
+            }]
+        );
+        assert!(decode_incoming(b"[]").is_err());
+        assert!(decode_incoming(b"[{\"channel\":").is_err());
+        assert!(decode_incoming(b"42").is_err());
+        // A reply that is not a valid message is an error, as before.
+        assert!(decode_incoming(br#"[{"channel":"/meta/connect","successful":"yes"}]"#).is_err());
     }
 }

@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
-use bayeux_protocol::Message;
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 
@@ -180,12 +179,6 @@ impl Latencies {
         }
         all
     }
-}
-
-/// `(seq, t)` from a bench message's data.
-pub(crate) fn seq_and_time(m: &Message) -> Option<(u64, u64)> {
-    let d = m.data.as_ref()?.as_object()?;
-    Some((d.get("seq")?.as_u64()?, d.get("t")?.as_u64()?))
 }
 
 /// What one subscriber saw.

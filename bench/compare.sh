@@ -20,6 +20,8 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 
 ALL_CASES="fanout throughput many idle-lp idle-ws roundtrips ws-fanout ws-throughput ws-many"
 CASES=${*:-$ALL_CASES}
@@ -138,15 +140,9 @@ start_server() {
 # Stops the server this script started (SIGTERM, then SIGKILL after 10 s).
 stop_server() {
   [ -n "$SERVER_PID" ] || return 0
-  local pid=$SERVER_PID i
+  local pid=$SERVER_PID
   SERVER_PID=
-  kill -TERM "$pid" 2>/dev/null || return 0
-  for i in $(seq 1 100); do
-    kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
-    sleep 0.1
-  done
-  kill -KILL "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
+  stop_pid "$pid" TERM 100
 }
 
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }

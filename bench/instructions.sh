@@ -14,6 +14,8 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 LOAD=${1:-fanout}
 BIN=${2:-$ROOT/target/release/bayeux}
 case $LOAD in
@@ -35,15 +37,7 @@ PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); p
 RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$OUT" \
   "$BIN" serve --bind "127.0.0.1:$PORT" --engine memory >"$OUT.server.log" 2>&1 &
 SERVER=$!
-stop() {
-  kill -INT "$SERVER" 2>/dev/null || return 0
-  for _ in $(seq 1 200); do
-    kill -0 "$SERVER" 2>/dev/null || { wait "$SERVER" 2>/dev/null || true; return 0; }
-    sleep 0.1
-  done
-  kill -KILL "$SERVER" 2>/dev/null || true
-  wait "$SERVER" 2>/dev/null || true
-}
+stop() { stop_pid "$SERVER" INT 200; }
 trap stop EXIT
 
 # Up to 60 s for the server to listen (valgrind starts slowly).

@@ -190,25 +190,12 @@ pub fn matches(pattern: &str, channel: &str) -> bool {
 }
 
 /// Every pattern that could match the concrete channel `channel`, most specific first: the
-/// channel itself, then `/a/b/*`, then `/a/b/**`, `/a/**`, `/**`.
+/// channel itself, then `/a/b/*`, then `/a/b/**`, `/a/**`, `/**`. `f` gets each one in turn,
+/// written into one buffer (the channel itself is passed as it is), so looking them up on every
+/// publish allocates one string, not one per pattern.
 ///
 /// A subscription index keyed by pattern finds every matching subscription with these
 /// `depth + 2` lookups, however many channels exist.
-///
-/// ```
-/// use bayeux_protocol::channel::candidate_patterns;
-/// let all: Vec<String> = candidate_patterns("/a/b").collect();
-/// assert_eq!(all, ["/a/b", "/a/*", "/a/**", "/**"]);
-/// ```
-pub fn candidate_patterns(channel: &str) -> impl Iterator<Item = String> + '_ {
-    let mut all = Vec::new();
-    for_each_candidate_pattern(channel, |p| all.push(p.to_owned()));
-    all.into_iter()
-}
-
-/// [`candidate_patterns`] without a string per pattern: `f` gets each one in turn, written
-/// into one buffer (the channel itself is passed as it is). The way to look them up on every
-/// publish.
 ///
 /// ```
 /// use bayeux_protocol::channel::for_each_candidate_pattern;
@@ -386,7 +373,8 @@ mod tests {
 
         #[test]
         fn candidates_are_exactly_the_matching_patterns(p in pattern(), c in concrete()) {
-            let candidates: Vec<String> = candidate_patterns(&c).collect();
+            let mut candidates = Vec::new();
+            for_each_candidate_pattern(&c, |p| candidates.push(p.to_owned()));
             prop_assert_eq!(candidates.contains(&p), matches(&p, &c));
             for cand in &candidates {
                 prop_assert!(matches(cand, &c), "{} should match {}", cand, c);

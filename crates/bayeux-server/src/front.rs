@@ -836,13 +836,9 @@ async fn write_response(
     keep_alive: bool,
 ) -> std::io::Result<()> {
     let (parts, body) = response.into_parts();
-    let body = match crate::transport::body_bytes(body, usize::MAX).await {
-        Ok(body) => body,
-        Err(crate::transport::BodyRead::Failed(e)) => return Err(std::io::Error::other(e)),
-        Err(crate::transport::BodyRead::TooLarge) => {
-            return Err(std::io::Error::other("response body too large"));
-        }
-    };
+    let body = crate::transport::body_bytes(body, usize::MAX)
+        .await
+        .map_err(std::io::Error::other)?;
     // Room for the body too: a small one is sent in the same buffer as the head.
     let inline = if body.len() <= INLINE_BODY {
         body.len()

@@ -43,10 +43,10 @@ pub(crate) async fn read_body(
     match body_bytes(body, max).await {
         Ok(bytes) => Ok(bytes),
         Err(BodyRead::TooLarge) => Err(too_large()),
-        Err(BodyRead::Failed(e)) => Err(BodyError::new(
+        Err(e @ BodyRead::Failed(_)) => Err(BodyError::new(
             StatusCode::BAD_REQUEST,
             ErrorKind::MessageInvalid,
-            format!("cannot read body: {e}"),
+            e.to_string(),
         )),
     }
 }

@@ -86,11 +86,13 @@ pub(crate) fn check_count(broker: &Broker, n: usize) -> Result<(), BodyError> {
 }
 
 /// Why [`body_bytes`] gave up.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub(crate) enum BodyRead {
     /// The body is longer than the limit.
+    #[error("body larger than the limit")]
     TooLarge,
     /// The body could not be read.
+    #[error("cannot read body: {0}")]
     Failed(axum::Error),
 }
 
@@ -103,13 +105,18 @@ pub(crate) async fn body_bytes(
     limit: usize,
 ) -> Result<Bytes, BodyRead> {
     use http_body_util::BodyExt;
-    let mut whole: Option<bytes::BytesMut> = None;
+    // The first frame, kept as it is until a second one comes; then everything so far.
     let mut first = Bytes::new();
+    let mut whole: Option<bytes::BytesMut> = None;
+    let mut total = 0usize;
     while let Some(frame) = body.frame().await {
         let Ok(data) = frame.map_err(BodyRead::Failed)?.into_data() else {
             continue; // trailers: not part of the body
         };
-        let total = first.len() + whole.as_ref().map_or(0, |w| w.len()) + data.len();
+        if data.is_empty() {
+            continue;
+        }
+        total += data.len();
         if total > limit {
             return Err(BodyRead::TooLarge);
         }
@@ -274,6 +281,32 @@ async fn finish_http(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn streamed(frames: Vec<Result<&'static [u8], std::io::Error>>) -> axum::body::Body {
+        axum::body::Body::from_stream(futures::stream::iter(
+            frames.into_iter().map(|f| f.map(Bytes::from_static)),
+        ))
+    }
+
+    /// One frame comes back as it is; several (an empty one among them) are joined; the limit
+    /// counts across frames; a failing body is an error, not a short body.
+    #[tokio::test]
+    async fn body_bytes_of_one_frame_or_several() {
+        let one = axum::body::Body::from(Bytes::from_static(b"[1]"));
+        assert_eq!(&body_bytes(one, 3).await.unwrap()[..], b"[1]");
+        let several = || streamed(vec![Ok(b""), Ok(b"[1,"), Ok(b""), Ok(b"2,"), Ok(b"3]")]);
+        assert_eq!(&body_bytes(several(), 7).await.unwrap()[..], b"[1,2,3]");
+        assert!(matches!(
+            body_bytes(several(), 6).await,
+            Err(BodyRead::TooLarge)
+        ));
+        let failing = streamed(vec![Ok(b"[1"), Err(std::io::Error::other("reset"))]);
+        let err = body_bytes(failing, 100).await.unwrap_err();
+        assert!(matches!(err, BodyRead::Failed(_)), "{err:?}");
+        assert!(err.to_string().contains("reset"), "{err}");
+        let empty = axum::body::Body::empty();
+        assert!(body_bytes(empty, 0).await.unwrap().is_empty());
+    }
 
     /// The future of a long-polling answer lives as long as the hold: memory per idle
     /// long-poll client. This catches a change that makes it grow again (it was 1,592 bytes

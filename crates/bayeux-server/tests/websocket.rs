@@ -245,3 +245,39 @@ async fn lazy_delay_batches_pushed_messages_into_one_frame() {
     let data: Vec<Value> = frame.iter().map(|m| m["data"].clone()).collect();
     assert_eq!(data, [json!(0), json!(1), json!(2)], "{frame:?}");
 }
+
+/// Frames larger than what the socket takes at once (a subscriber that does not read while
+/// about 12 MB are published for it) are written in parts, as the socket drains, and arrive
+/// whole and in order once it reads.
+#[tokio::test]
+async fn frames_to_a_subscriber_that_reads_late_arrive_whole() {
+    let server = TestServer::default_config().await;
+    let mut sub = ws_subscribed(&server, json!("/big")).await;
+    sub.send(json!([{"channel":"/meta/connect","clientId":sub.id(),"connectionType":"websocket","id":"c1"}]))
+        .await;
+    let mut p = WsClient::connect(&server.ws_url).await;
+    p.handshake().await;
+    const N: usize = 200;
+    let pad = "x".repeat(60_000);
+    for i in 0..N {
+        p.send(json!([{"channel":"/big","clientId":p.id(),"data":{"i":i,"pad":pad},"id":format!("p{i}")}]))
+            .await;
+    }
+    let mut acked = 0;
+    while acked < N {
+        let frame = p.recv(WAIT).await.expect("publish replies");
+        for m in frame {
+            assert_eq!(m["successful"], true, "{m}");
+            acked += 1;
+        }
+    }
+    let mut got = Vec::new();
+    while got.len() < N {
+        let frame = sub.recv(WAIT).await.expect("deliveries");
+        for m in frame.iter().filter(|m| m["channel"] == "/big") {
+            assert_eq!(m["data"]["pad"].as_str().map(str::len), Some(60_000));
+            got.push(m["data"]["i"].as_u64().unwrap() as usize);
+        }
+    }
+    assert_eq!(got, (0..N).collect::<Vec<_>>());
+}

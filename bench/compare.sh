@@ -168,23 +168,24 @@ case_flags() {
   esac
 }
 
-# The floor of the CPU cases (crates/bayeux-bench/examples/send-floor.rs): the same deliveries
-# per second on the same number of connections, with nothing but the system calls. Frame sizes
-# are those our server writes in each case (a long-polling answer of 414 bytes to a connect of
-# 225, a WebSocket frame of 166 bytes, as strace shows them). Prints the flags of role $2.
+# The value of flag --$2 in the bench flags $1.
+flag_value() { echo "$1" | sed -n "s/.*--$2 \([^ ]*\).*/\1/p"; }
+
+# The floor of a CPU case (crates/bayeux-bench/examples/send-floor.rs): the same deliveries per
+# second on the same number of connections, with nothing but the system calls, taken from the
+# case's own bench flags (connections = subscribers, bursts = publishes/s, burst = subscribers /
+# channels). Frames are the size our server writes (a long-polling answer of 414 bytes to a
+# connect of 225, a WebSocket frame of 166 bytes, as strace shows them). Prints the flags of
+# role $2 (serve or load) for case $1.
 floor_flags() {
-  local pattern sockets rate frame
-  case $1 in
-    fanout) pattern=lp sockets=1000 rate=200 frame=414 ;;
-    many) pattern=lp sockets=10000 rate=100 frame=414 ;;
-    ws-fanout) pattern=ws sockets=1000 rate=200 frame=166 ;;
-    ws-many) pattern=ws sockets=10000 rate=100 frame=166 ;;
-    *) echo "no floor for case $1" >&2; exit 2 ;;
-  esac
+  local flags subs pattern=lp frame=414
+  flags=$(case_flags "$1")
+  subs=$(flag_value "$flags" subscribers)
+  if [ "$(flag_value "$flags" transport)" = websocket ]; then pattern=ws frame=166; fi
   if [ "$2" = serve ]; then
-    echo "--pattern $pattern --burst 100 --rate $rate --frame $frame"
+    echo "--pattern $pattern --burst $((subs / $(flag_value "$flags" channels))) --rate $(flag_value "$flags" rate) --frame $frame"
   else
-    echo "--pattern $pattern --sockets $sockets --frame $frame --request 225"
+    echo "--pattern $pattern --sockets $subs --frame $frame --request 225"
   fi
 }
 

@@ -16,6 +16,7 @@
 //! does), and after the warm-up measures the server's CPU from `/proc/PID/stat` over the window,
 //! exactly as `bayeux bench --server-pid` measures real servers. It prints one JSON line in the
 //! shape of `bayeux bench`'s report (no latencies: nothing is timed per message).
+//! `send-floor serve --help` and `send-floor load --help` list the flags.
 //!
 //! ```sh
 //! taskset -c 0 cargo run --release -p bayeux-bench --example send-floor -- \
@@ -33,81 +34,109 @@ use mio::{Events, Interest, Poll, Token};
 
 const LISTENER: Token = Token(usize::MAX);
 
-/// Flags of either role, `--name value` pairs after the role.
-struct Flags(Vec<(String, String)>);
-
-impl Flags {
-    fn parse(args: &[String]) -> Result<Self, String> {
-        let mut pairs = Vec::new();
-        let mut it = args.iter();
-        while let Some(name) = it.next() {
-            let name = name
-                .strip_prefix("--")
-                .ok_or_else(|| format!("expected a --flag, got {name}"))?;
-            let value = it.next().ok_or_else(|| format!("--{name} needs a value"))?;
-            pairs.push((name.to_string(), value.clone()));
-        }
-        Ok(Flags(pairs))
-    }
-
-    fn get<T: std::str::FromStr>(&self, name: &str, default: Option<T>) -> Result<T, String> {
-        match self.0.iter().rev().find(|(n, _)| n == name) {
-            Some((_, v)) => v
-                .parse()
-                .map_err(|_| format!("bad value for --{name}: {v}")),
-            None => default.ok_or_else(|| format!("--{name} is required")),
-        }
-    }
+/// The floor of bench/compare.sh's CPU cases: the system calls of a case and nothing else.
+#[derive(clap::Parser)]
+#[command(name = "send-floor")]
+enum Command {
+    /// Accept connections and write `--burst` frames, round robin, `--rate` times a second.
+    Serve(ServeArgs),
+    /// Open the connections, read every frame, and report the server's CPU over the window.
+    Load(LoadArgs),
 }
 
-#[derive(Clone, Copy, PartialEq)]
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    bind: SocketAddr,
+    /// `ws`: a connection always takes a frame; `lp`: only once it sent a request.
+    #[arg(long)]
+    pattern: Pattern,
+    /// Frames per tick (a publish's fan-out).
+    #[arg(long, default_value_t = 100)]
+    burst: usize,
+    /// Ticks per second (publishes per second).
+    #[arg(long)]
+    rate: f64,
+    /// Bytes per frame.
+    #[arg(long, default_value_t = 166)]
+    frame: usize,
+}
+
+#[derive(clap::Args)]
+struct LoadArgs {
+    /// The `serve` side's address.
+    #[arg(long)]
+    addr: SocketAddr,
+    /// As the server's `--pattern`.
+    #[arg(long)]
+    pattern: Pattern,
+    /// Connections to open.
+    #[arg(long)]
+    sockets: usize,
+    /// As the server's `--frame`.
+    #[arg(long, default_value_t = 166)]
+    frame: usize,
+    /// Bytes of each request (`lp`).
+    #[arg(long, default_value_t = 225)]
+    request: usize,
+    /// Seconds before the window.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Seconds measured.
+    #[arg(long, default_value_t = 4.0)]
+    duration: f64,
+    /// The `serve` process, whose CPU is measured from /proc.
+    #[arg(long)]
+    server_pid: u32,
+}
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
 enum Pattern {
     /// Every delivery is one frame pushed on an open connection.
-    WebSocket,
+    Ws,
     /// Every delivery answers a request; the client then sends the next one.
-    LongPolling,
-}
-
-impl std::str::FromStr for Pattern {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Self, ()> {
-        match s {
-            "ws" => Ok(Pattern::WebSocket),
-            "lp" => Ok(Pattern::LongPolling),
-            _ => Err(()),
-        }
-    }
+    Lp,
 }
 
 /// A frame of `len` bytes: an HTTP response with a JSON body for long-polling, a WebSocket text
 /// frame header and a JSON body otherwise. The load side only counts bytes.
 fn frame(pattern: Pattern, len: usize) -> Vec<u8> {
     let mut out = match pattern {
-        Pattern::LongPolling => {
+        Pattern::Lp => {
             let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: ";
             let body = len.saturating_sub(head.len() + 8);
             format!("{head}{body:04}\r\n\r\n").into_bytes()
         }
-        Pattern::WebSocket => vec![0x81, 126, (len >> 8) as u8, len as u8],
+        Pattern::Ws => vec![0x81, 126, (len >> 8) as u8, len as u8],
     };
     out.resize(len.max(out.len()), b' ');
     out
 }
 
-struct Conn {
+/// A connection on the serve side.
+struct Accepted {
     stream: TcpStream,
     /// Long-polling: a request came and has not been answered.
     ready: bool,
-    /// Load side: bytes of the frame being received.
+}
+
+/// A connection on the load side.
+struct Opened {
+    stream: TcpStream,
+    /// Bytes of the frame being received.
     partial: usize,
 }
 
-fn serve(flags: &Flags) -> Result<(), String> {
-    let bind: SocketAddr = flags.get("bind", Some("127.0.0.1:0".parse().unwrap()))?;
-    let pattern: Pattern = flags.get("pattern", None)?;
-    let burst: usize = flags.get("burst", Some(100))?;
-    let rate: f64 = flags.get("rate", None)?;
-    let frame = frame(pattern, flags.get("frame", Some(166))?);
+fn serve(args: ServeArgs) -> Result<(), String> {
+    let ServeArgs {
+        bind,
+        pattern,
+        burst,
+        rate,
+        ..
+    } = args;
+    let frame = frame(pattern, args.frame);
     let err = |e: std::io::Error| e.to_string();
 
     let mut poll = Poll::new().map_err(err)?;
@@ -116,7 +145,7 @@ fn serve(flags: &Flags) -> Result<(), String> {
         .register(&mut listener, LISTENER, Interest::READABLE)
         .map_err(err)?;
     println!("LISTENING {}", listener.local_addr().map_err(err)?);
-    let mut conns: Vec<Option<Conn>> = Vec::new();
+    let mut conns: Vec<Option<Accepted>> = Vec::new();
     let mut events = Events::with_capacity(1024);
     let mut buf = vec![0u8; 64 * 1024];
     let interval = Duration::from_secs_f64(1.0 / rate);
@@ -139,7 +168,7 @@ fn serve(flags: &Flags) -> Result<(), String> {
                 let Some(conn) = conns[cursor].as_mut() else {
                     continue;
                 };
-                if pattern == Pattern::LongPolling && !conn.ready {
+                if pattern == Pattern::Lp && !conn.ready {
                     continue;
                 }
                 match conn.stream.write(&frame) {
@@ -164,10 +193,9 @@ fn serve(flags: &Flags) -> Result<(), String> {
                         .register(&mut stream, token, Interest::READABLE)
                         .is_ok()
                     {
-                        conns.push(Some(Conn {
+                        conns.push(Some(Accepted {
                             stream,
                             ready: false,
-                            partial: 0,
                         }));
                     }
                 }
@@ -200,15 +228,18 @@ fn serve(flags: &Flags) -> Result<(), String> {
     }
 }
 
-fn load(flags: &Flags) -> Result<(), String> {
-    let addr: SocketAddr = flags.get("addr", None)?;
-    let pattern: Pattern = flags.get("pattern", None)?;
-    let sockets: usize = flags.get("sockets", None)?;
-    let frame_len: usize = frame(pattern, flags.get("frame", Some(166))?).len();
-    let request = vec![b'r'; flags.get("request", Some(225))?];
-    let warmup = Duration::from_secs_f64(flags.get("warmup", Some(1.0))?);
-    let duration = Duration::from_secs_f64(flags.get("duration", Some(4.0))?);
-    let server_pid: u32 = flags.get("server-pid", None)?;
+fn load(args: LoadArgs) -> Result<(), String> {
+    let LoadArgs {
+        addr,
+        pattern,
+        sockets,
+        server_pid,
+        ..
+    } = args;
+    let frame_len = frame(pattern, args.frame).len();
+    let request = vec![b'r'; args.request];
+    let warmup = Duration::from_secs_f64(args.warmup);
+    let duration = Duration::from_secs_f64(args.duration);
     let err = |e: std::io::Error| e.to_string();
 
     let mut poll = Poll::new().map_err(err)?;
@@ -222,14 +253,10 @@ fn load(flags: &Flags) -> Result<(), String> {
         poll.registry()
             .register(&mut stream, Token(i), Interest::READABLE)
             .map_err(err)?;
-        if pattern == Pattern::LongPolling {
+        if pattern == Pattern::Lp {
             stream.write_all(&request).map_err(err)?;
         }
-        conns.push(Conn {
-            stream,
-            ready: false,
-            partial: 0,
-        });
+        conns.push(Opened { stream, partial: 0 });
     }
     let setup_secs = setup.elapsed().as_secs_f64();
     let mut events = Events::with_capacity(1024);
@@ -266,7 +293,7 @@ fn load(flags: &Flags) -> Result<(), String> {
                         let frames = conn.partial / frame_len;
                         conn.partial %= frame_len;
                         delivered += frames as u64;
-                        if pattern == Pattern::LongPolling && frames > 0 {
+                        if pattern == Pattern::Lp && frames > 0 {
                             // The next connect, as soon as the answer is complete.
                             if conn.stream.write_all(&request).is_err() {
                                 errors += 1;
@@ -304,7 +331,7 @@ fn load(flags: &Flags) -> Result<(), String> {
         "publishers_ready": 0,
         "setup_secs": setup_secs,
         "measured_secs": secs,
-        "params": {"pattern": if pattern == Pattern::WebSocket { "ws" } else { "lp" },
+        "params": {"pattern": if pattern == Pattern::Ws { "ws" } else { "lp" },
                    "sockets": sockets, "frame": frame_len, "request": request.len()},
     });
     println!("{report}");
@@ -312,11 +339,9 @@ fn load(flags: &Flags) -> Result<(), String> {
 }
 
 fn main() -> std::process::ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.first().map(String::as_str) {
-        Some("serve") => Flags::parse(&args[1..]).and_then(|f| serve(&f)),
-        Some("load") => Flags::parse(&args[1..]).and_then(|f| load(&f)),
-        _ => Err("usage: send-floor serve|load --flag value ... (see the source's header)".into()),
+    let result = match <Command as clap::Parser>::parse() {
+        Command::Serve(args) => serve(args),
+        Command::Load(args) => load(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -104,11 +104,11 @@ struct SubSink {
 }
 
 impl Sink for SubSink {
-    fn deliver(&self, messages: &[Delivery]) {
+    fn deliver(&self, deliveries: &[Delivery]) {
         let ctx = &self.ctx;
         let now = ctx.timeline.now_ns();
         let (start, end) = ctx.timeline.window();
-        let n = messages.len() as u64;
+        let n = deliveries.len() as u64;
         ctx.counters.received.fetch_add(n, Ordering::Relaxed);
         if now >= start && now < end {
             ctx.counters
@@ -123,8 +123,8 @@ impl Sink for SubSink {
         let mut foreign = 0;
         {
             let mut st = self.sub.state.lock();
-            for m in messages {
-                let Some((seq, t)) = m.seq_and_time else {
+            for d in deliveries {
+                let Some((seq, t)) = d.seq_and_time else {
                     foreign += 1;
                     continue;
                 };
@@ -161,10 +161,10 @@ struct PubSink {
 }
 
 impl Sink for PubSink {
-    fn deliver(&self, messages: &[Delivery]) {
+    fn deliver(&self, deliveries: &[Delivery]) {
         self.ctx
             .errors
-            .add("publisher_delivery", messages.len() as u64);
+            .add("publisher_delivery", deliveries.len() as u64);
     }
 
     fn error(&self, kind: &str) {
